@@ -1,0 +1,291 @@
+"""Examples -> token ids and loss masks -> batches. Pure steps, each tested.
+
+Where a batch goes (SFT):
+    formats.load_examples      file -> [SFTExample]
+    tokenize_sft               SFTExample -> Tokenized(input_ids, loss_mask, origin)   (template, masking, truncation)
+    StepSampler.indices(step)  which examples make optimizer step `step` (seeded per epoch; resumable)
+    collate                    [Tokenized] -> TokenBatch, padded or padding-free (one packed row)
+    recipe                     logits = model(**batch.model_inputs(), logits_to_keep=batch.predict_mask)
+
+Assistant-only masking uses the tokenizer's own chat template, rendered incrementally: the characters that
+rendering turn i adds after the generation prompt (`<|im_start|>assistant\\n`) are that assistant turn, up to and
+including its end-of-turn token. The rendered text is tokenized once with offsets, and a token is a target when
+its first character lies inside an assistant turn. This needs no `{% generation %}` markers, only a template that
+renders a conversation's prefix as a prefix of the whole (checked; an error says so otherwise).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from .formats import DataError, Message, Origin, SFTExample
+
+log = logging.getLogger("align")
+IGNORE = -100  # label of a token that carries no loss (the value torch's cross_entropy ignores)
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[int]
+    loss_mask: list[bool]
+    """loss_mask[t]: token t is a training target (predicted from tokens < t). loss_mask[0] is always False."""
+    origin: Optional[Origin] = None
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_targets(self) -> int:
+        return sum(self.loss_mask)
+
+
+@dataclass
+class TruncationStats:
+    """What the truncation rule did, for the log and the run report."""
+
+    rule: str
+    max_length: int
+    total: int = 0
+    too_long: int = 0
+    dropped: Counter = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        kept = self.total - sum(self.dropped.values())
+        parts = [f"{self.too_long} of {self.total} examples longer than max_length={self.max_length} "
+                 f"(truncation={self.rule})"]
+        for reason, n in sorted(self.dropped.items()):
+            parts.append(f"{n} dropped: {reason}")
+        parts.append(f"{kept} kept")
+        return "; ".join(parts)
+
+    def as_dict(self) -> dict:
+        return {"rule": self.rule, "max_length": self.max_length, "total": self.total,
+                "too_long": self.too_long, "dropped": dict(self.dropped)}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Chat templates
+
+
+def require_chat_template(tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "the tokenizer")
+        raise DataError(
+            f"{name}: the tokenizer has no chat template; set model.chat_template (a Jinja template or a .jinja "
+            f"file) or use plain text data (format text)"
+        )
+
+
+def render(tokenizer, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_spans(tokenizer, messages: Sequence[Message], origin: Optional[Origin] = None
+                    ) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the [start, end) character span of every assistant turn in it."""
+    text = render(tokenizer, messages)
+    spans = []
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        before = render(tokenizer, messages[:i], add_generation_prompt=True)
+        through = render(tokenizer, messages[: i + 1])
+        if not (text.startswith(before) and text.startswith(through) and len(through) > len(before)):
+            where = f"{origin}: " if origin else ""
+            raise DataError(
+                f"{where}field 'messages[{i}]': the chat template does not render this turn the same way inside the "
+                f"whole conversation (not prefix-preserving), so assistant tokens cannot be located; set "
+                f"model.chat_template to a template that is, or data.loss_on=all"
+            )
+        spans.append((len(before), len(through)))
+    return text, spans
+
+
+def prompt_ids(tokenizer, prompt: Sequence[Message]) -> list[int]:
+    """Token ids of a prompt rendered with the generation prompt (what the policy sees before answering)."""
+    return tokenizer(render(tokenizer, prompt, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# SFT tokenization
+
+
+def tokenize_sft_example(example: SFTExample, tokenizer, loss_on: str = "assistant") -> Tokenized:
+    if example.text is not None:
+        ids = tokenizer(example.text, add_special_tokens=True)["input_ids"]
+        if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+            ids = ids + [tokenizer.eos_token_id]  # so the model learns where a document ends
+        return Tokenized(ids, [False] + [True] * (len(ids) - 1), example.origin)
+
+    require_chat_template(tokenizer)
+    if loss_on == "all":
+        text, spans = render(tokenizer, example.messages), [(0, math.inf)]
+    else:
+        text, spans = assistant_spans(tokenizer, example.messages, example.origin)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    mask = [any(a <= start < b for a, b in spans) for start, _ in offsets]
+    if mask:
+        mask[0] = False  # nothing predicts the first token
+    return Tokenized(ids, mask, example.origin)
+
+
+def truncate(tok: Tokenized, max_length: int, rule: str) -> Optional[Tokenized]:
+    """Apply the truncation rule to one example; None when it is dropped."""
+    if len(tok) <= max_length:
+        return tok
+    if rule == "error":
+        raise DataError(
+            f"{tok.origin}: {len(tok)} tokens, longer than data.max_length={max_length} (data.truncation=error)"
+        )
+    if rule == "drop":
+        return None
+    if rule == "right":
+        return Tokenized(tok.input_ids[:max_length], tok.loss_mask[:max_length], tok.origin)
+    ids, mask = tok.input_ids[-max_length:], list(tok.loss_mask[-max_length:])
+    mask[0] = False
+    return Tokenized(ids, mask, tok.origin)
+
+
+def tokenize_sft(examples: Sequence[SFTExample], tokenizer, max_length: int, truncation: str = "right",
+                 loss_on: str = "assistant") -> tuple[list[Tokenized], TruncationStats]:
+    stats = TruncationStats(truncation, max_length, total=len(examples))
+    out = []
+    for ex in examples:
+        tok = tokenize_sft_example(ex, tokenizer, loss_on)
+        if len(tok) > max_length:
+            stats.too_long += 1
+        tok = truncate(tok, max_length, truncation)
+        if tok is None:
+            stats.dropped["longer than max_length"] += 1
+        elif tok.num_targets == 0:
+            stats.dropped["no target tokens left after truncation"] += 1
+        else:
+            out.append(tok)
+    if not out:
+        raise DataError(f"no usable examples: {stats.summary()}")
+    return out, stats
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Batches
+
+
+@dataclass
+class TokenBatch:
+    """A micro-batch of token sequences.
+
+    Padding-free: input_ids/position_ids/labels are [1, N] (N = total tokens), examples packed end to end with
+    positions restarting at 0; transformers then masks attention at the example boundaries (use_cache=False).
+    Padded: input_ids/attention_mask/labels are [B, T] with right padding.
+    """
+
+    input_ids: torch.Tensor  # [1, N] or [B, T]
+    labels: torch.Tensor  # same shape; IGNORE where the token is not a target
+    position_ids: Optional[torch.Tensor] = None  # [1, N] (padding-free)
+    attention_mask: Optional[torch.Tensor] = None  # [B, T] (padded)
+    num_examples: int = 0
+
+    @property
+    def predict_mask(self) -> torch.Tensor:
+        """[B, T] bool: positions whose logits are needed (the next token is a target)."""
+        keep = torch.zeros_like(self.labels, dtype=torch.bool)
+        keep[:, :-1] = self.labels[:, 1:] != IGNORE
+        return keep
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """[K] target ids, in the order of the positions selected by predict_mask."""
+        nxt = self.labels[:, 1:]
+        return nxt[nxt != IGNORE]
+
+    @property
+    def num_targets(self) -> int:
+        return int((self.labels != IGNORE).sum())
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum()) if self.attention_mask is not None else self.input_ids.numel()
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        inputs = {"input_ids": self.input_ids}
+        if self.position_ids is not None:
+            inputs["position_ids"] = self.position_ids
+        if self.attention_mask is not None:
+            inputs["attention_mask"] = self.attention_mask
+        return inputs
+
+    def to(self, device) -> "TokenBatch":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return TokenBatch(move(self.input_ids), move(self.labels), move(self.position_ids),
+                          move(self.attention_mask), self.num_examples)
+
+
+def _labels(tok: Tokenized) -> list[int]:
+    return [i if m else IGNORE for i, m in zip(tok.input_ids, tok.loss_mask)]
+
+
+def collate(examples: Sequence[Tokenized], padding_free: bool = True, pad_token_id: int = 0) -> TokenBatch:
+    if padding_free:
+        ids = [i for ex in examples for i in ex.input_ids]
+        labels = [label for ex in examples for label in _labels(ex)]
+        positions = [p for ex in examples for p in range(len(ex))]
+        as_row = lambda xs: torch.tensor(xs, dtype=torch.long).unsqueeze(0)  # noqa: E731
+        return TokenBatch(as_row(ids), as_row(labels), position_ids=as_row(positions), num_examples=len(examples))
+    width = max(len(ex) for ex in examples)
+    ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, ex in enumerate(examples):
+        n = len(ex)
+        ids[row, :n] = torch.tensor(ex.input_ids)
+        labels[row, :n] = torch.tensor(_labels(ex))
+        attention[row, :n] = 1
+    return TokenBatch(ids, labels, attention_mask=attention, num_examples=len(examples))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data order
+
+
+class StepSampler:
+    """Which examples make each optimizer step: a seeded permutation per epoch, cut into global batches.
+
+    A pure function of (seed, step), so a resumed run picks up the exact data order, and every process computes
+    the same global batch and takes its own contiguous slice. The incomplete batch at the end of an epoch is left
+    out (every step has the same size, which keeps processes in step); the next epoch reshuffles.
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int):
+        if num_examples < batch_size:
+            raise DataError(f"{num_examples} training examples is fewer than train.batch_size={batch_size}")
+        self.num_examples, self.batch_size, self.seed = num_examples, batch_size, seed
+        self.steps_per_epoch = num_examples // batch_size
+        self._epoch, self._perm = -1, None
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def indices(self, step: int) -> list[int]:
+        epoch = self.epoch_of(step)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perm, self._epoch = torch.randperm(self.num_examples, generator=gen).tolist(), epoch
+        k = step % self.steps_per_epoch
+        return self._perm[k * self.batch_size: (k + 1) * self.batch_size]
+
+
+def shard(items: Sequence, process_index: int, num_processes: int) -> list:
+    """This process's contiguous slice of a global batch (sizes are checked to divide evenly)."""
+    per = len(items) // num_processes
+    return list(items[process_index * per: (process_index + 1) * per])
+
+
+def chunks(items: Sequence, size: int) -> list[list]:
+    return [list(items[i: i + size]) for i in range(0, len(items), size)]
