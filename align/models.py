@@ -1,0 +1,361 @@
+"""Load, adapt and save models: transformers for architectures and templates, peft for adapters.
+
+Model locations (`model.name_or_path`):
+    a Hub id or local folder          from_pretrained as usual
+    a .gguf file (or gguf_file=...)   dequantized once into $ALIGN_CACHE/gguf/<name>-<hash>/, loaded from there after
+    pkg:PACKAGE/PATH                  a file or folder shipped inside an installed Python package (models from PyPI)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .config import ConfigError, LoraConfig, ModelConfig
+
+log = logging.getLogger("align")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ALIGN_CACHE", "~/.cache/align")).expanduser()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Locations
+
+
+def resolve(name: str) -> str:
+    """`pkg:PACKAGE/PATH` -> the absolute path inside the installed package; `~` expanded; else unchanged."""
+    if name.startswith("pkg:"):
+        package, _, rest = name[4:].partition("/")
+        spec = importlib.util.find_spec(package)  # find, don't import: some model packages import heavy modules
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(f"model.name_or_path={name}: Python package {package!r} is not installed")
+        path = Path(list(spec.submodule_search_locations)[0]) / rest
+        if not path.exists():
+            raise ConfigError(f"model.name_or_path={name}: {path} does not exist")
+        return str(path)
+    if name.startswith("~"):
+        return str(Path(name).expanduser())
+    return name
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def materialize(cfg: ModelConfig) -> str:
+    """A location `from_pretrained` loads directly: GGUF files are converted once into the cache."""
+    path = resolve(cfg.name_or_path)
+    gguf = cfg.gguf_file
+    if gguf is None and path.endswith(".gguf"):
+        path, gguf = str(Path(path).parent), Path(path).name
+    if gguf is None:
+        return path
+    src = Path(path) / gguf
+    if not src.is_file():
+        raise ConfigError(f"model: GGUF file {src} not found")
+    out = cache_dir() / "gguf" / f"{src.stem}-{_file_digest(src)}"
+    if (out / "config.json").is_file():
+        return str(out)
+    log.info("dequantizing %s once into %s (later runs load that folder)", src, out)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quantized = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
+    config = quantized.config
+    del config.quantization_config  # the weights we save are plain float32; save_pretrained refuses GGUF models
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    plain.generation_config = quantized.generation_config
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(out)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def load_tokenizer(cfg: ModelConfig, padding_side: str = "right"):
+    from transformers import AutoTokenizer
+
+    location = resolve(cfg.tokenizer) if cfg.tokenizer else materialize(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=cfg.trust_remote_code)
+    if cfg.chat_template:
+        template = cfg.chat_template
+        if template.endswith(".jinja") and Path(resolve(template)).is_file():
+            template = Path(resolve(template)).read_text()
+        tokenizer.chat_template = template
+    if tokenizer.pad_token_id is None:
+        # Batches mask padding explicitly (attention mask / loss mask), never by token id, so any id will do.
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Packed attention: exact and cheap attention for padding-free batches
+
+
+def packed_segments(position_ids: torch.Tensor) -> list[int]:
+    """Boundaries [0, ..., N] of the examples packed in one row: a new example starts wherever the position is
+    not the previous one plus one (the rule transformers uses to detect packing)."""
+    pos = position_ids[0]
+    starts = (torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1).tolist()
+    return [0, *starts, pos.numel()]
+
+
+def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                          **kwargs):
+    """Causal SDPA run separately on each example of a packed row.
+
+    Stock SDPA on a packed row builds an N x N block-diagonal mask and computes every block of the square, most of
+    it masked out: with four examples per row that is ~4x the attention work, and a dense mask also keeps SDPA off
+    its fastest kernels. Per example, attention is plain causal and costs only the diagonal blocks. Padded batches,
+    KV-cache decoding and single sequences go to stock SDPA unchanged.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    position_ids = kwargs.get("position_ids")
+    packed = (attention_mask is None and position_ids is not None and query.shape[0] == 1
+              and query.shape[2] == key.shape[2] == position_ids.shape[-1])
+    bounds = packed_segments(position_ids) if packed else []
+    if len(bounds) <= 2:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    gqa = getattr(module, "num_key_value_groups", 1) > 1
+    outputs = [
+        torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout, scale=scaling, is_causal=True,
+            enable_gqa=gqa)
+        for a, b in zip(bounds, bounds[1:])
+    ]
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None  # [1, N, heads, head_dim], like sdpa
+
+
+def packed_sdpa_mask(*args, **kwargs):
+    """No mask for a full forward without padding (the attention above is causal per example); stock SDPA's mask
+    otherwise (padding, KV cache)."""
+    from transformers.masking_utils import sdpa_mask
+
+    full = (kwargs.get("attention_mask") is None and not kwargs.get("q_offset") and not kwargs.get("kv_offset")
+            and kwargs.get("q_length") == kwargs.get("kv_length"))
+    return None if full else sdpa_mask(*args, **kwargs)
+
+
+PACKED_SDPA = "sdpa_packed"
+
+
+def _register_packed_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+    AttentionMaskInterface.register(PACKED_SDPA, packed_sdpa_mask)
+
+
+_register_packed_attention()
+
+
+def default_attention(cfg: ModelConfig, model_class) -> str | None:
+    """The recipe's attention backend, or packed SDPA for models that support SDPA."""
+    if cfg.attn_implementation:
+        return cfg.attn_implementation
+    return PACKED_SDPA if getattr(model_class, "_supports_sdpa", False) else None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Models
+
+
+def has_fast_bf16() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def weight_dtype(cfg: ModelConfig, lora: LoraConfig) -> torch.dtype:
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype)
+    # Trainable weights stay float32 (autocast handles bf16 compute); a frozen LoRA base can live in bf16.
+    return torch.bfloat16 if lora.enabled and has_fast_bf16() else torch.float32
+
+
+def _quantization(lora: LoraConfig):
+    if lora.quantization == "none":
+        return None
+    if not torch.cuda.is_available():
+        raise ConfigError("lora.quantization=4bit (QLoRA) needs a CUDA GPU; this machine has none")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("lora.quantization=4bit (QLoRA) needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16 if has_fast_bf16() else torch.float16)
+
+
+def load_pretrained(auto_cls, cfg: ModelConfig, lora: LoraConfig, seed: int, **kwargs):
+    """Build `auto_cls` (AutoModelForCausalLM, AutoModelForSequenceClassification...) from the recipe."""
+    from transformers import AutoConfig
+
+    location = materialize(cfg)
+    dtype = weight_dtype(cfg, lora)
+    config = AutoConfig.from_pretrained(location, trust_remote_code=cfg.trust_remote_code,
+                                        **{k: v for k, v in kwargs.items() if k == "num_labels"})
+    attention = default_attention(cfg, _model_class(auto_cls, config))
+    if attention:
+        kwargs["attn_implementation"] = attention
+    quant = _quantization(lora)  # raises on a machine that cannot quantize, whatever the init
+    if cfg.init == "random":
+        torch.manual_seed(seed)
+        kwargs.pop("num_labels", None)
+        return auto_cls.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    return auto_cls.from_pretrained(location, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kwargs)
+
+
+def _model_class(auto_cls, config):
+    try:
+        return auto_cls._model_mapping[type(config)]
+    except (KeyError, AttributeError):
+        return None
+
+
+def load_causal_lm(cfg: ModelConfig, lora: LoraConfig, seed: int, gradient_checkpointing: bool = False):
+    """The policy: a causal LM, with LoRA adapters when `lora.enabled`."""
+    from transformers import AutoModelForCausalLM
+
+    model = load_pretrained(AutoModelForCausalLM, cfg, lora, seed)
+    model.config.use_cache = False  # training: packed batches need it off, and no cache is reused anyway
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs (LoRA) without enable_input_require_grads.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora.enabled:
+        model = add_lora(model, lora, task_type="CAUSAL_LM", seed=seed)
+    return model
+
+
+def add_lora(model, lora: LoraConfig, task_type: str, seed: int, modules_to_save: Optional[list[str]] = None):
+    import peft
+
+    if lora.quantization != "none":
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    peft_config = peft.LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type=task_type,
+        target_modules=list(lora.target_modules) if lora.target_modules else "all-linear",
+        modules_to_save=modules_to_save,
+    )
+    torch.manual_seed(seed)  # adapter init (A is random) is then the same in every process and every run
+    return peft.get_peft_model(model, peft_config)
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Forward helpers
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    base = model.get_base_model() if is_peft(model) else model
+    base = getattr(base, "module", base)
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def logits_at(model, batch) -> torch.Tensor:
+    """Logits [K, V] only at the positions that predict a target (`batch.predict_mask`).
+
+    The output head and the log-softmax over the vocabulary are the most expensive part of a small model's step;
+    prompt, padding and the last position need no logits, so transformers' `logits_to_keep` (a boolean mask)
+    projects only the kept positions.
+    """
+    keep = batch.predict_mask
+    inner = getattr(model, "module", model)  # DDP wraps the model
+    if _accepts_logits_to_keep(inner):
+        logits = model(**batch.model_inputs(), logits_to_keep=keep, use_cache=False).logits
+        if logits.dim() == 2:
+            return logits
+    else:
+        logits = model(**batch.model_inputs(), use_cache=False).logits
+    return logits[keep]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Saving and loading trained weights
+
+
+def save(model, tokenizer, out: Path, base_location: Optional[str] = None) -> None:
+    """Standard layout: a peft adapter folder (adapter_config + safetensors) or a full transformers folder, with
+    the tokenizer and its chat template. `base_location` is recorded in an adapter's config so that
+    `from_pretrained(adapter_folder)` finds the base (a real folder, not a `pkg:` name)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if is_peft(model) and base_location is not None:
+        for peft_cfg in model.peft_config.values():
+            peft_cfg.base_model_name_or_path = base_location
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def save_merged(model, tokenizer, out: Path) -> None:
+    """Base weights with the adapters folded in, as a plain transformers folder (vLLM, TRL and
+    `from_pretrained` load it without peft). Works on a copy: the trained peft model stays usable."""
+    import copy
+
+    merged = copy.deepcopy(model).merge_and_unload()
+    merged.save_pretrained(Path(out))
+    tokenizer.save_pretrained(Path(out))
+
+
+def load_trained_weights(model, folder: Path) -> None:
+    """Load what `save` wrote back into a freshly built model of the same recipe (resume)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if is_peft(model):
+        import peft
+
+        state = load_file(folder / "adapter_model.safetensors")
+        result = peft.set_peft_model_state_dict(model, state)
+        if getattr(result, "unexpected_keys", None):
+            raise RuntimeError(f"{folder}: adapter weights do not fit this model: {result.unexpected_keys[:3]}")
+        return
+    files = sorted(folder.glob("*.safetensors"))
+    state = {}
+    for f in files:
+        state.update(load_file(f))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    tied |= {k for k in missing if k.endswith("lm_head.weight") and model.config.tie_word_embeddings}
+    really_missing = [k for k in missing if k not in tied]
+    if really_missing or unexpected:
+        raise RuntimeError(f"{folder}: weights do not fit this model: missing {really_missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
