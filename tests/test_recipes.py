@@ -1,0 +1,48 @@
+"""Every recipe under recipes/ loads and validates; every tiny recipe runs end to end in seconds."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from align.config import STAGES, load_config, stage_of_recipe
+from helpers import ROOT
+
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml"))
+
+
+def _ids(path: Path) -> str:
+    return str(path.relative_to(ROOT / "recipes"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=_ids)
+def test_recipe_loads_and_validates(path):
+    if path.parent.name == "accelerate":
+        from accelerate.commands.config.config_args import load_config_from_file
+
+        assert load_config_from_file(str(path)) is not None
+        return
+    stage = stage_of_recipe(path)
+    assert stage in STAGES, f"{path.name}: name it <stage>_*.yaml for a stage in {sorted(STAGES)}"
+    load_config(STAGES[stage], path)
+
+
+def test_there_is_a_tiny_recipe_for_every_stage():
+    tiny = {stage_of_recipe(p) for p in (ROOT / "recipes" / "tiny").glob("*.yaml")}
+    assert set(STAGES) <= tiny
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "tiny").glob("*.yaml")), ids=_ids)
+def test_tiny_recipe_runs(path, tmp_path, monkeypatch):
+    import importlib
+
+    from accelerate.state import AcceleratorState, PartialState
+
+    monkeypatch.chdir(ROOT)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    PartialState._reset_state()
+    stage = stage_of_recipe(path)
+    cfg = load_config(STAGES[stage], path, [f"output_dir={tmp_path / stage}", "log.progress=false"])
+    importlib.import_module(f"align.{stage}").main(cfg)
+    report = json.loads((tmp_path / stage / "report.json").read_text())
+    assert report["stage"] == stage

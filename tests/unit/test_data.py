@@ -1,0 +1,184 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from align import data, losses, models
+from align.formats import DataError, Origin, SFTExample
+from helpers import tiny_causal_lm
+
+
+def decoded_runs(tokenizer, tok):
+    """The text of each maximal run of target tokens."""
+    runs, current = [], []
+    for i, m in zip(tok.input_ids, tok.loss_mask):
+        if m:
+            current.append(i)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return [tokenizer.decode(r) for r in runs]
+
+
+def test_only_assistant_tokens_carry_loss_on_smollm2_template(smol_tokenizer, chat):
+    tok = data.tokenize_sft_example(SFTExample(messages=chat), smol_tokenizer)
+    assert tok.input_ids == smol_tokenizer.apply_chat_template(chat, tokenize=True, return_dict=False)
+    # Token by token: the targets are exactly each assistant answer with its end-of-turn token ...
+    assert decoded_runs(smol_tokenizer, tok) == ["12 + 30 = 42.<|im_end|>\n", "Doubled, 42 becomes 84.<|im_end|>\n"]
+    # ... and everything else (system, user turns, the `<|im_start|>assistant\n` headers) is context only.
+    context = smol_tokenizer.decode([i for i, m in zip(tok.input_ids, tok.loss_mask) if not m])
+    assert context == ("<|im_start|>system\nYou are a careful math tutor.<|im_end|>\n<|im_start|>user\nWhat is "
+                       "12 + 30?<|im_end|>\n<|im_start|>assistant\n<|im_start|>user\nAnd doubled?<|im_end|>\n"
+                       "<|im_start|>assistant\n")
+    eos = smol_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    targets = [i for i, m in zip(tok.input_ids, tok.loss_mask) if m]
+    assert targets.count(eos) == 2  # the model learns to stop after each answer
+
+
+def test_llama3_style_template_is_masked_the_same_way(tiny_tokenizer):
+    tokenizer = type(tiny_tokenizer).from_pretrained(tiny_tokenizer.name_or_path)
+    tokenizer.chat_template = (
+        "{{ '<BOS>' }}{% for m in messages %}{{ '<H>' + m['role'] + '</H>\n\n' + m['content'] + '<EOT>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<H>assistant</H>\n\n' }}{% endif %}")
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello you"}]
+    tok = data.tokenize_sft_example(SFTExample(messages=msgs), tokenizer)
+    assert decoded_runs(tokenizer, tok) == ["hello you<EOT>"]
+
+
+def test_loss_on_all_and_plain_text(tiny_tokenizer, chat):
+    tok = data.tokenize_sft_example(SFTExample(messages=chat), tiny_tokenizer, loss_on="all")
+    assert tok.loss_mask == [False] + [True] * (len(tok) - 1)
+    text = data.tokenize_sft_example(SFTExample(text="plain words"), tiny_tokenizer)
+    assert text.input_ids[-1] == tiny_tokenizer.eos_token_id and text.loss_mask[1:] == [True] * (len(text) - 1)
+
+
+def test_tokenizer_without_chat_template_is_a_clear_error(tiny_tokenizer, chat):
+    tokenizer = type(tiny_tokenizer).from_pretrained(tiny_tokenizer.name_or_path)
+    tokenizer.chat_template = None
+    with pytest.raises(DataError, match="has no chat template; set model.chat_template"):
+        data.tokenize_sft_example(SFTExample(messages=chat), tokenizer)
+
+
+def test_template_that_rewrites_earlier_turns_is_a_clear_error(tiny_tokenizer, chat):
+    tokenizer = type(tiny_tokenizer).from_pretrained(tiny_tokenizer.name_or_path)
+    # Like reasoning templates that drop earlier turns' content: a prefix is not rendered as in the whole chat.
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}{{ '[A]' }}"
+                               "{% else %}{{ m['role'] + ':' + m['content'] + '\n' }}{% endif %}{% endfor %}"
+                               "{% if add_generation_prompt %}assistant:{% endif %}")
+    with pytest.raises(DataError, match=r"x\.jsonl:7: field 'messages\[2\]'.*not prefix-preserving"):
+        data.tokenize_sft_example(SFTExample(messages=chat, origin=Origin("x.jsonl", 7)), tokenizer)
+
+
+# ---- truncation ---------------------------------------------------------------------------------------------
+
+
+def _long(n=10, origin=Origin("f.jsonl", 4)):
+    return data.Tokenized(list(range(100, 100 + n)), [False] * 3 + [True] * (n - 3), origin)
+
+
+def test_truncation_rules():
+    right = data.truncate(_long(), 6, "right")
+    assert right.input_ids == list(range(100, 106)) and right.loss_mask == [False] * 3 + [True] * 3
+    left = data.truncate(_long(), 6, "left")
+    assert left.input_ids == list(range(104, 110)) and left.loss_mask == [False] + [True] * 5
+    assert data.truncate(_long(), 6, "drop") is None
+    with pytest.raises(DataError, match=r"f\.jsonl:4: 10 tokens, longer than data\.max_length=6"):
+        data.truncate(_long(), 6, "error")
+    assert data.truncate(_long(), 20, "error").input_ids == _long().input_ids
+
+
+def test_truncation_is_counted_and_examples_without_targets_are_dropped(tiny_tokenizer):
+    long_prompt = {"role": "user", "content": "word " * 200}
+    examples = [SFTExample(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]),
+                SFTExample(messages=[long_prompt, {"role": "assistant", "content": "answer"}])]
+    kept, stats = data.tokenize_sft(examples, tiny_tokenizer, max_length=32, truncation="right")
+    assert len(kept) == 1 and stats.too_long == 1
+    assert stats.dropped == {"no target tokens left after truncation": 1}
+    assert "1 of 2 examples longer than max_length=32" in stats.summary()
+
+
+# ---- batches: padding-free is exact -------------------------------------------------------------------------
+
+
+def _examples(tokenizer, n=4):
+    rows = [("What is 2+2?", "4."), ("Name a color.", "Blue is a color I like."),
+            ("Say something longer please.", "Here is a somewhat longer answer with more words in it."),
+            ("Hi", "Hello!")]
+    return [data.tokenize_sft_example(SFTExample(messages=[{"role": "user", "content": q},
+                                                            {"role": "assistant", "content": a}]), tokenizer)
+            for q, a in rows[:n]]
+
+
+def _batch_loss(model, batch):
+    logits = models.logits_at(model, batch)
+    return losses.sft_loss(logits, batch.targets, batch.num_targets)
+
+
+@pytest.mark.parametrize("arch, attention", [("llama", "sdpa"), ("qwen2", "sdpa"), ("llama", "sdpa_packed"),
+                                             ("qwen2", "sdpa_packed"), ("llama", "eager")])
+def test_padding_free_loss_equals_padded_loss(tiny_tokenizer, arch, attention):
+    model = tiny_causal_lm(arch, init_std=0.2, attn_implementation=attention)
+    examples = _examples(tiny_tokenizer)
+    padded = data.collate(examples, padding_free=False, pad_token_id=tiny_tokenizer.pad_token_id)
+    packed = data.collate(examples, padding_free=True)
+    assert packed.input_ids.shape == (1, sum(map(len, examples))) and padded.input_ids.shape[0] == 4
+    assert packed.num_targets == padded.num_targets
+    torch.testing.assert_close(_batch_loss(model, packed), _batch_loss(model, padded), atol=1e-5, rtol=1e-5)
+    per_token = lambda b: losses.token_logprobs(models.logits_at(model, b), b.targets)  # noqa: E731
+    torch.testing.assert_close(per_token(packed), per_token(padded), atol=1e-5, rtol=1e-5)
+    # The same row with continuous positions lets examples attend to each other: different log-probs. This is
+    # what the block-diagonal masking prevents (and shows that the comparison above can fail).
+    leaky = data.TokenBatch(packed.input_ids, packed.labels,
+                            position_ids=torch.arange(packed.input_ids.shape[1]).unsqueeze(0))
+    assert (per_token(leaky) - per_token(padded)).abs().max() > 1e-2
+
+
+def test_logits_at_returns_exactly_the_positions_that_predict_targets(tiny_tokenizer):
+    model = tiny_causal_lm()
+    batch = data.collate(_examples(tiny_tokenizer), padding_free=False, pad_token_id=0)
+    full = model(**batch.model_inputs()).logits
+    kept = models.logits_at(model, batch)
+    torch.testing.assert_close(kept, full[:, :-1][batch.labels[:, 1:] != data.IGNORE])
+    naive = F.cross_entropy(full[:, :-1].reshape(-1, full.shape[-1]), batch.labels[:, 1:].reshape(-1),
+                            ignore_index=data.IGNORE)
+    torch.testing.assert_close(_batch_loss(model, batch), naive)
+
+
+def test_packed_segments_follow_position_resets():
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1, 2, 3]])
+    assert models.packed_segments(positions) == [0, 3, 5, 6, 10]
+
+
+def test_sdpa_packed_matches_stock_sdpa_in_generation(tiny_tokenizer):
+    """Padded batches and KV-cache decoding take the stock path: the same tokens as plain SDPA."""
+    stock, packed = tiny_causal_lm(init_std=0.2), tiny_causal_lm(init_std=0.2, attn_implementation="sdpa_packed")
+    tiny_tokenizer.padding_side = "left"
+    inputs = tiny_tokenizer(["Hello there friend", "Hi"], return_tensors="pt", padding=True)
+    tiny_tokenizer.padding_side = "right"
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, use_cache=True)
+    assert torch.equal(stock.generate(**inputs, **kw), packed.generate(**inputs, **kw))
+
+
+def test_collate_positions_restart_for_each_example(tiny_tokenizer):
+    examples = _examples(tiny_tokenizer, 2)
+    batch = data.collate(examples, padding_free=True)
+    n0 = len(examples[0])
+    assert batch.position_ids[0, :n0].tolist() == list(range(n0))
+    assert batch.position_ids[0, n0] == 0
+    assert batch.labels[0, n0] == data.IGNORE  # a sequence's first token is never predicted from the one before
+
+
+# ---- data order ---------------------------------------------------------------------------------------------
+
+
+def test_step_sampler_is_deterministic_and_covers_each_epoch_once():
+    s = data.StepSampler(num_examples=10, batch_size=3, seed=1)
+    assert s.steps_per_epoch == 3
+    epoch0 = [i for step in range(3) for i in s.indices(step)]
+    assert len(set(epoch0)) == 9
+    epoch1 = [i for step in range(3, 6) for i in s.indices(step)]
+    assert epoch1 != epoch0
+    fresh = data.StepSampler(10, 3, seed=1)
+    assert fresh.indices(4) == s.indices(4)  # any step, in any order: what resume relies on
+    assert data.shard(list(range(8)), 1, 2) == [4, 5, 6, 7]
