@@ -137,7 +137,8 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     position_ids = kwargs.get("position_ids")
-    packed = (attention_mask is None and position_ids is not None and query.shape[0] == 1
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    packed = (causal and attention_mask is None and position_ids is not None and query.shape[0] == 1
               and query.shape[2] == key.shape[2] == position_ids.shape[-1])
     bounds = packed_segments(position_ids) if packed else []
     if len(bounds) <= 2:
@@ -213,7 +214,8 @@ def _quantization(lora: LoraConfig):
 
 
 def load_pretrained(auto_cls, cfg: ModelConfig, lora: LoraConfig, seed: int, **kwargs):
-    """Build `auto_cls` (AutoModelForCausalLM, AutoModelForSequenceClassification...) from the recipe."""
+    """Build `auto_cls` (AutoModelForCausalLM, AutoModelForSequenceClassification...) from the recipe.
+    With output_loading_info=True (pretrained only) returns (model, info) as transformers does."""
     from transformers import AutoConfig
 
     location = materialize(cfg)
@@ -227,10 +229,21 @@ def load_pretrained(auto_cls, cfg: ModelConfig, lora: LoraConfig, seed: int, **k
     if cfg.init == "random":
         torch.manual_seed(seed)
         kwargs.pop("num_labels", None)
-        return auto_cls.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kwargs)
-    if quant is not None:
-        kwargs["quantization_config"] = quant
-    return auto_cls.from_pretrained(location, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kwargs)
+        kwargs.pop("output_loading_info", None)
+        loaded = auto_cls.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    else:
+        if quant is not None:
+            kwargs["quantization_config"] = quant
+        loaded = auto_cls.from_pretrained(location, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    if cfg.disable_dropout:
+        disable_dropout(loaded[0] if isinstance(loaded, tuple) else loaded)
+    return loaded
+
+
+def disable_dropout(model) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
 
 
 def _model_class(auto_cls, config):
@@ -314,6 +327,7 @@ def save(model, tokenizer, out: Path, base_location: Optional[str] = None) -> No
     """Standard layout: a peft adapter folder (adapter_config + safetensors) or a full transformers folder, with
     the tokenizer and its chat template. `base_location` is recorded in an adapter's config so that
     `from_pretrained(adapter_folder)` finds the base (a real folder, not a `pkg:` name)."""
+    model = getattr(model, "hf", model)  # wrappers (the reward model) expose the transformers/peft model as .hf
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if is_peft(model) and base_location is not None:
@@ -337,6 +351,7 @@ def load_trained_weights(model, folder: Path) -> None:
     """Load what `save` wrote back into a freshly built model of the same recipe (resume)."""
     from safetensors.torch import load_file
 
+    model = getattr(model, "hf", model)
     folder = Path(folder)
     if is_peft(model):
         import peft

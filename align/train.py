@@ -23,8 +23,9 @@ import shutil
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -220,6 +221,9 @@ class Run:
     def finished(self) -> bool:
         return (self.dir / "report.json").is_file()
 
+    def report(self) -> dict:
+        return json.loads((self.dir / "report.json").read_text())
+
     # -- metrics ----------------------------------------------------------------------------------------------
     def _open_writers(self, log_cfg: LogConfig) -> None:
         self._metrics_file = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")
@@ -347,6 +351,124 @@ def _changed_keys(old_yaml: str, new_yaml: str) -> set[str]:
     a = flat(OmegaConf.to_container(OmegaConf.create(old_yaml)))
     b = flat(OmegaConf.to_container(OmegaConf.create(new_yaml)))
     return {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The loop's chores, shared by every stage
+
+
+def begin(cfg: Any, stage: str) -> tuple[Any, "Run"]:
+    """The accelerator and the (checked, not yet created) run folder of a stage."""
+    accelerator = make_accelerator(cfg.train, cfg.seed)
+    return accelerator, Run(cfg, accelerator, stage)
+
+
+@dataclass
+class Schedule:
+    """What the loop needs to know about the optimisation: data order, length, optimizer, LR schedule, and
+    where it starts (after a resume)."""
+
+    sampler: Any
+    num_steps: int
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    start: int
+    state: dict
+
+
+def prepare(model, cfg: Any, accelerator, run: "Run", num_examples: int):
+    """Optimizer, schedule and data order for `num_examples` training examples; resume from the newest checkpoint
+    when asked; wrap for the accelerator. Returns (model, schedule)."""
+    from .data import StepSampler
+
+    sampler = StepSampler(num_examples, cfg.train.batch_size, cfg.seed)
+    num_steps = total_steps(cfg.train, sampler.steps_per_epoch)
+    optimizer = make_optimizer(model, cfg.train)
+    scheduler = make_scheduler(optimizer, cfg.train, num_steps)
+    state = run.resume(model, optimizer, scheduler)
+    model.train()
+    model, optimizer = accelerator.prepare(model, optimizer)  # the LR scheduler stays ours: one step per step
+    log.info("%d steps of %d examples (%d per micro-batch, %d accumulation, %d processes), %.2f epochs",
+             num_steps, cfg.train.batch_size, cfg.train.micro_batch_size,
+             accumulation_steps(cfg.train, accelerator.num_processes), accelerator.num_processes,
+             num_steps / sampler.steps_per_epoch)
+    return model, Schedule(sampler, num_steps, optimizer, scheduler, state["step"], state)
+
+
+class Loop:
+    """Iterate a run's optimizer steps and do the chores around each one.
+
+        for step, micro_batches in loop:          # this process's share of the global batch, in micro-batches
+            for k, ids in enumerate(micro_batches):
+                with loop.accumulating(k, len(micro_batches)):
+                    accelerator.backward(loss)
+            loop.end_step(metrics, tokens=n)      # optimizer step, progress, log, evaluation, checkpoint
+
+    `loop.batch_ids` holds the whole global batch of the current step (the same on every process), so a recipe
+    can normalise its loss by global counts without communication.
+    """
+
+    def __init__(self, cfg: Any, run: "Run", accelerator, model, tokenizer, schedule: Schedule,
+                 evaluate: Optional[Callable[[], dict]] = None, base_location: Optional[str] = None,
+                 checkpoint_state: Optional[Callable[[], dict]] = None):
+        self.cfg, self.run, self.accelerator, self.model, self.tokenizer = cfg, run, accelerator, model, tokenizer
+        self.schedule, self.evaluate, self.base_location = schedule, evaluate, base_location
+        self.checkpoint_state = checkpoint_state or (lambda: {})
+        self.batch_ids: list[int] = []
+        self.last_metrics: dict[str, float] = {}
+        self._progress = Progress(schedule.num_steps, schedule.start,
+                                  accelerator.is_main_process and cfg.log.progress, run.stage)
+        self._timer = Timer()
+        self._window_tokens = self._window_steps = 0
+
+    def __iter__(self) -> Iterator[tuple[int, list[list[int]]]]:
+        from .data import chunks, shard
+
+        acc = self.accelerator
+        for step in range(self.schedule.start, self.schedule.num_steps):
+            self.batch_ids = self.schedule.sampler.indices(step)
+            mine = shard(self.batch_ids, acc.process_index, acc.num_processes)
+            yield step, chunks(mine, self.cfg.train.micro_batch_size)
+        self._progress.close()
+
+    def accumulating(self, k: int, n: int):
+        """Gradient sync only on the last of n micro-batches (DDP all-reduces once per step)."""
+        return contextlib.nullcontext() if k == n - 1 else self.accelerator.no_sync(self.model)
+
+    def end_step(self, step: int, metrics: dict[str, float], tokens: int) -> None:
+        """Clip, step the optimizer and the schedule; then progress, the metrics window, evaluation and
+        checkpoints at their intervals. `metrics` are this step's (already reduced over processes)."""
+        cfg, schedule = self.cfg, self.schedule
+        grad_norm = None
+        if cfg.train.max_grad_norm:
+            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
+        schedule.optimizer.step()
+        schedule.scheduler.step()
+        schedule.optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        self._progress.update(**{k.split("/")[0]: v for k, v in metrics.items() if k.startswith("loss/")})
+        self._window_tokens += tokens
+        self._window_steps += 1
+        if done % cfg.log.every == 0 or done == schedule.num_steps:
+            elapsed = self._timer.lap()
+            row = {**metrics, "optim/lr": schedule.scheduler.get_last_lr()[0],
+                   "perf/tokens_per_s": self._window_tokens / elapsed,
+                   "perf/step_s": elapsed / self._window_steps,
+                   "data/epoch": done / schedule.sampler.steps_per_epoch}
+            if grad_norm is not None:
+                row["optim/grad_norm"] = float(grad_norm)
+            self.run.log(row, step=done)
+            self.last_metrics = row
+            self._window_tokens = self._window_steps = 0
+        if done == schedule.num_steps:
+            return
+        if self.evaluate is not None and cfg.train.eval_every and done % cfg.train.eval_every == 0:
+            self.run.log(self.evaluate(), step=done)
+        if cfg.train.save_every and done % cfg.train.save_every == 0:
+            self.run.save_checkpoint(done, self.model, self.tokenizer, schedule.optimizer, schedule.scheduler,
+                                     {"epoch": schedule.sampler.epoch_of(step), **self.checkpoint_state()},
+                                     self.base_location)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from align import data, losses, models, sft
 from align.config import ConfigError, SFTConfig, load_config
 from align.formats import SFTExample
+
 from helpers import ROOT, tiny_causal_lm
 
 TINY_SFT = "recipes/tiny/sft.yaml"
@@ -68,15 +69,19 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_pretrained, mode
     # A crash after step 3: the step-4 checkpoint and the outputs never got written.
     crashed = tmp_path / "crashed"
     shutil.copytree(tmp_path / "whole", crashed)
-    for leftover in ("checkpoints/step-000004", "model", "merged", "report.json"):
-        shutil.rmtree(crashed / leftover, ignore_errors=True) if leftover != "report.json" else (crashed / leftover).unlink()
+    for leftover in ("checkpoints/step-000004", "model", "merged"):
+        shutil.rmtree(crashed / leftover, ignore_errors=True)
+    (crashed / "report.json").unlink()
     assert sorted(p.name for p in (crashed / "checkpoints").iterdir()) == ["step-000002"]
     run(tmp_path, "crashed", *common, "resume=true")
 
     weights = "adapter_model.safetensors" if mode == "lora" else "model.safetensors"
     a, b = load_file(tmp_path / "whole" / "model" / weights), load_file(crashed / "model" / weights)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    loss = lambda d: [(r["step"], r["loss/train"]) for r in map(json.loads, open(d / "metrics.jsonl")) if "loss/train" in r]  # noqa: E731
+    def loss(folder):
+        rows = map(json.loads, open(folder / "metrics.jsonl"))
+        return [(r["step"], r["loss/train"]) for r in rows if "loss/train" in r]
+
     assert loss(crashed) == loss(tmp_path / "whole") and len(loss(crashed)) == 6
 
 
