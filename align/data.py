@@ -289,3 +289,208 @@ def shard(items: Sequence, process_index: int, num_processes: int) -> list:
 
 def chunks(items: Sequence, size: int) -> list[list]:
     return [list(items[i: i + size]) for i in range(0, len(items), size)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reward-model tokenization: (prompt, response) -> one sequence scored by the model
+#
+# Two templates, chosen by `data.template` (auto: chat when the tokenizer has a chat template, else pair):
+#   chat   the tokenizer's chat template over prompt + response; a causal LM scores the sequence's last token
+#   pair   a sentence pair for encoders (BERT, MiniLM): ("Human: ...\n\nAssistant: ...", "Assistant: ...") with
+#          their [CLS] a [SEP] b [SEP] and token type ids; the model scores [CLS]
+# Truncation `left` (the default) drops the start of the prompt so the final assistant turn survives; cutting
+# from the right makes HH pairs token-identical when their shared dialogue is long.
+
+ROLE_LABELS = {"system": "System", "user": "Human", "assistant": "Assistant", "tool": "Tool"}
+
+
+def plain_text(messages: Sequence[Message]) -> str:
+    """Messages as `Human: ...\\n\\nAssistant: ...` text (the HH-RLHF convention), for templates without a chat
+    template."""
+    return "\n\n".join(f"{ROLE_LABELS[m['role']]}: {m['content']}" for m in messages)
+
+
+def resolve_template(tokenizer, template: str) -> str:
+    if template == "auto":
+        return "chat" if getattr(tokenizer, "chat_template", None) else "pair"
+    if template == "chat":
+        require_chat_template(tokenizer)
+    return template
+
+
+@dataclass
+class RewardSequence:
+    """One tokenized (prompt, response) to score."""
+
+    input_ids: list[int]
+    token_type_ids: Optional[list[int]] = None
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class TokenizedGroup:
+    """The responses to one prompt, tokenized, with their human ranks (lower is better)."""
+
+    sequences: list[RewardSequence]
+    ranks: list[float]
+    margin: Optional[float] = None
+    response_chars: list[int] = field(default_factory=list)
+    origin: Optional[Origin] = None
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s) for s in self.sequences)
+
+
+def tokenize_for_reward(tokenizer, prompt: Sequence[Message], response: Sequence[Message], template: str,
+                        max_length: int, truncation: str = "left", origin: Optional[Origin] = None
+                        ) -> tuple[Optional[RewardSequence], bool]:
+    """(sequence or None if dropped, whether it was longer than max_length)."""
+    if template == "chat":
+        ids = tokenizer(render(tokenizer, list(prompt) + list(response)), add_special_tokens=False)["input_ids"]
+        too_long = len(ids) > max_length
+        if too_long:
+            if truncation == "error":
+                raise DataError(f"{origin}: {len(ids)} tokens, longer than data.max_length={max_length} "
+                                f"(data.truncation=error)")
+            if truncation == "drop":
+                return None, True
+            ids = ids[-max_length:] if truncation == "left" else ids[:max_length]
+        return RewardSequence(ids), too_long
+    first, second = plain_text(prompt), plain_text(response)
+    full = tokenizer(first, second)
+    if len(full["input_ids"]) <= max_length:
+        return RewardSequence(full["input_ids"], full.get("token_type_ids")), False
+    if truncation == "error":
+        raise DataError(f"{origin}: {len(full['input_ids'])} tokens, longer than data.max_length={max_length} "
+                        f"(data.truncation=error)")
+    if truncation == "drop":
+        return None, True
+    tokenizer.truncation_side = "left" if truncation == "left" else "right"
+    try:  # cut the prompt only, from the side the rule names
+        enc = tokenizer(first, second, truncation="only_first", max_length=max_length)
+    except Exception:  # the response alone is over the limit: cut both (tokenizers raises a bare Exception)
+        enc = tokenizer(first, second, truncation="longest_first", max_length=max_length)
+    return RewardSequence(enc["input_ids"], enc.get("token_type_ids")), True
+
+
+def tokenize_groups(examples: Sequence, tokenizer, template: str, max_length: int, truncation: str = "left"
+                    ) -> tuple[list[TokenizedGroup], TruncationStats]:
+    """PreferenceExample / RankingExample -> TokenizedGroup. A group is dropped (and counted) when truncation
+    leaves two differently ranked responses token-identical: their pair would teach nothing but noise."""
+    stats = TruncationStats(truncation, max_length, total=len(examples))
+    out = []
+    for ex in examples:
+        ranking = ex.as_ranking() if hasattr(ex, "as_ranking") else ex
+        seqs, long_any = [], False
+        for response in ranking.responses:
+            seq, too_long = tokenize_for_reward(tokenizer, ranking.prompt, response, template, max_length,
+                                                truncation, ranking.origin)
+            long_any |= too_long
+            seqs.append(seq)
+        stats.too_long += long_any
+        if any(s is None for s in seqs):
+            stats.dropped["longer than max_length"] += 1
+            continue
+        seen: dict[tuple, float] = {}
+        clash = False
+        for seq, rank in zip(seqs, ranking.ranks):
+            key = (tuple(seq.input_ids), tuple(seq.token_type_ids or ()))
+            clash |= key in seen and seen[key] != rank
+            seen.setdefault(key, rank)
+        if clash:
+            stats.dropped["differently ranked responses identical after truncation"] += 1
+            continue
+        chars = [sum(len(m["content"]) for m in r) for r in ranking.responses]
+        out.append(TokenizedGroup(seqs, list(ranking.ranks), ranking.margin, chars, ranking.origin))
+    if not out:
+        raise DataError(f"no usable examples: {stats.summary()}")
+    return out, stats
+
+
+@dataclass
+class RewardBatch:
+    """Sequences to score, in one or more forward passes ("parts").
+
+    Each part is a dict of model inputs plus `last` (the position of each sequence's final token, used by causal
+    backbones). A causal backbone gets one padding-free part (sequences packed, positions restarting). An encoder
+    gets padded parts of sequences of similar length, so short sequences are not padded to the longest one.
+    Scores of the parts, concatenated, are put back in input order with `order`.
+    """
+
+    parts: list[dict[str, torch.Tensor]]
+    order: torch.Tensor  # [R]: scores_in_input_order = cat(part scores)[order]
+    num_tokens: int
+
+    def to(self, device) -> "RewardBatch":
+        parts = [{k: v.to(device) for k, v in p.items()} for p in self.parts]
+        return RewardBatch(parts, self.order.to(device), self.num_tokens)
+
+
+def length_buckets(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Indices sorted by length, cut into runs whose padded size (count x longest) stays within max_tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    buckets, current = [], []
+    for i in order:
+        if current and (len(current) + 1) * lengths[i] > max_tokens:
+            buckets.append(current)
+            current = []
+        current.append(i)
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def collate_reward(seqs: Sequence[RewardSequence], pad_token_id: int, packed: bool, max_tokens: int = 4096
+                   ) -> RewardBatch:
+    num_tokens = sum(len(s) for s in seqs)
+    if packed:
+        ids = torch.tensor([i for s in seqs for i in s.input_ids]).unsqueeze(0)
+        positions = torch.tensor([p for s in seqs for p in range(len(s))]).unsqueeze(0)
+        last = torch.tensor([len(s) for s in seqs]).cumsum(0) - 1
+        part = {"input_ids": ids, "position_ids": positions, "last": last}
+        return RewardBatch([part], torch.arange(len(seqs)), num_tokens)
+    parts, placed = [], []
+    for bucket in length_buckets([len(s) for s in seqs], max_tokens):
+        width = max(len(seqs[i]) for i in bucket)
+        ids = torch.full((len(bucket), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(bucket), width), dtype=torch.long)
+        types = torch.zeros((len(bucket), width), dtype=torch.long) if seqs[0].token_type_ids is not None else None
+        for row, i in enumerate(bucket):
+            n = len(seqs[i])
+            ids[row, :n] = torch.tensor(seqs[i].input_ids)
+            mask[row, :n] = 1
+            if types is not None:
+                types[row, :n] = torch.tensor(seqs[i].token_type_ids)
+        part = {"input_ids": ids, "attention_mask": mask, "last": mask.sum(1) - 1}
+        if types is not None:
+            part["token_type_ids"] = types
+        parts.append(part)
+        placed.extend(bucket)
+    order = torch.empty(len(seqs), dtype=torch.long)
+    order[torch.tensor(placed)] = torch.arange(len(seqs))
+    return RewardBatch(parts, order, num_tokens)
+
+
+def group_tensors(groups: Sequence[TokenizedGroup]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ranks [G, Kmax], valid [G, Kmax] (bool) and margins [G] (NaN where none), for the ranking losses.
+    Group g's responses are the next K_g sequences of the flattened batch, in order."""
+    k_max = max(len(g.ranks) for g in groups)
+    ranks = torch.zeros(len(groups), k_max)
+    valid = torch.zeros(len(groups), k_max, dtype=torch.bool)
+    margins = torch.full((len(groups),), float("nan"))
+    for row, g in enumerate(groups):
+        ranks[row, : len(g.ranks)] = torch.tensor(g.ranks)
+        valid[row, : len(g.ranks)] = True
+        if g.margin is not None:
+            margins[row] = g.margin
+    return ranks, valid, margins
+
+
+def scatter_groups(flat: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Flat per-sequence scores [R] -> [G, Kmax] in the layout of `valid` (padding entries are 0)."""
+    out = flat.new_zeros(valid.shape)
+    out[valid] = flat
+    return out

@@ -4,6 +4,11 @@ A record (one JSON object, parquet row or `datasets` row) becomes one canonical 
 
     SFTExample(messages)          chat, prompt/completion, alpaca, question/answer
     SFTExample(text=...)          plain text (continued pre-training)
+    PreferenceExample             prompt/chosen/rejected, HH-RLHF transcripts, chosen/rejected conversations
+    RankingExample                {prompt, responses, ranks|scores}, OpenAssistant trees (one per ranked group)
+
+A prompt is a list of messages ending in a non-assistant turn; a response is a list of messages ending in an
+assistant turn (usually one; several when two dialogues diverge before their last turn).
 
 Every example remembers its `Origin` (file and line), so any later error (bad field, too long with truncation
 off...) names where the record came from. Bad input raises `DataError` with one line: `FILE:LINE: field ...`.
@@ -15,7 +20,10 @@ column mapping (`data.train.columns`, canonical name -> the file's name) for fil
 from __future__ import annotations
 
 import json
+import logging
 import random
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -27,8 +35,16 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "system": "system", "tool": "tool", "function_call": "assistant", "observation": "tool"}
 
 
+log = logging.getLogger("align")
+
+
 class DataError(ValueError):
-    """Unusable input; the message is one line naming the file, the line and the field."""
+    """Unusable input; the message is one line naming the file, the line and the field. `reason` is the same
+    without the location, for counting skipped records by reason."""
+
+    def __init__(self, message: str, reason: Optional[str] = None):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 @dataclass(frozen=True)
@@ -55,6 +71,38 @@ class SFTExample:
     text: Optional[str] = None
     """Plain text (continued pre-training), loss on every token."""
     origin: Optional[Origin] = field(default=None, compare=False)
+
+
+@dataclass
+class PreferenceExample:
+    prompt: list[Message]
+    chosen: list[Message]
+    rejected: list[Message]
+    margin: Optional[float] = None
+    """How much more `chosen` is preferred (Llama 2's margin); used by the Bradley-Terry loss when set."""
+    origin: Optional[Origin] = field(default=None, compare=False)
+
+    def as_ranking(self) -> "RankingExample":
+        return RankingExample(self.prompt, [self.chosen, self.rejected], [0.0, 1.0], self.margin, self.origin)
+
+
+@dataclass
+class RankingExample:
+    prompt: list[Message]
+    responses: list[list[Message]]
+    ranks: list[float]
+    """Human ranks, lower is better; equal ranks are ties. A pair is ranks [0, 1]."""
+    margin: Optional[float] = None
+    """For a pair (K=2): the preference margin, if the data has one."""
+    origin: Optional[Origin] = field(default=None, compare=False)
+
+
+class Examples(list):
+    """A list of canonical examples that also remembers how many records were skipped, by reason."""
+
+    def __init__(self, items=(), skipped: Optional[dict] = None):
+        super().__init__(items)
+        self.skipped: dict[str, int] = dict(skipped or {})
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -152,44 +200,46 @@ def _rename(record: Record, columns: dict[str, str]) -> dict[str, Any]:
 # Field access with errors that name the field
 
 
+def _error(record: Record, reason: str) -> DataError:
+    return DataError(f"{record.origin}: {reason}", reason)
+
+
 def _field(record: Record, name: str, fmt: str) -> Any:
     if name not in record.data or record.data[name] is None:
-        raise DataError(
-            f"{record.origin}: missing field '{name}' (format {fmt}; rename columns with data.*.columns)"
-        )
+        raise _error(record, f"missing field '{name}' (format {fmt}; rename columns with data.*.columns)")
     return record.data[name]
 
 
 def _string(record: Record, name: str, value: Any, allow_empty: bool = False) -> str:
     if not isinstance(value, str):
-        raise DataError(f"{record.origin}: field '{name}': expected a string, got {type(value).__name__}")
+        raise _error(record, f"field '{name}': expected a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
-        raise DataError(f"{record.origin}: field '{name}' is empty")
+        raise _error(record, f"field '{name}' is empty")
     return value
 
 
 def _messages(record: Record, name: str, value: Any, sharegpt: bool = False) -> list[Message]:
     """A list of {role, content} (or ShareGPT {from, value}) turns, validated."""
     if not isinstance(value, list) or not value:
-        raise DataError(f"{record.origin}: field '{name}': expected a non-empty list of messages")
+        raise _error(record, f"field '{name}': expected a non-empty list of messages")
     out = []
     for i, msg in enumerate(value):
         at = f"{name}[{i}]"
         if not isinstance(msg, dict):
-            raise DataError(f"{record.origin}: field '{at}': expected an object with role and content")
+            raise _error(record, f"field '{at}': expected an object with role and content")
         if sharegpt or ("from" in msg and "role" not in msg):
             speaker = msg.get("from")
             if speaker not in SHAREGPT_ROLES:
-                raise DataError(f"{record.origin}: field '{at}.from': unknown speaker {speaker!r}")
+                raise _error(record, f"field '{at}.from': unknown speaker {speaker!r}")
             role, content = SHAREGPT_ROLES[speaker], msg.get("value")
             content_at = f"{at}.value"
         else:
             role, content = msg.get("role"), msg.get("content")
             content_at = f"{at}.content"
             if role not in ROLES:
-                raise DataError(f"{record.origin}: field '{at}.role': expected one of {'/'.join(ROLES)}, got {role!r}")
+                raise _error(record, f"field '{at}.role': expected one of {'/'.join(ROLES)}, got {role!r}")
         if content is None:
-            raise DataError(f"{record.origin}: missing field '{content_at}'")
+            raise _error(record, f"missing field '{content_at}'")
         content = _string(record, content_at, content, allow_empty=role != "assistant")
         out.append({"role": role, "content": content})
     return out
@@ -208,7 +258,7 @@ def _response(record: Record, name: str, value: Any) -> list[Message]:
         return [{"role": "assistant", "content": _string(record, name, value)}]
     msgs = _messages(record, name, value)
     if msgs[-1]["role"] != "assistant":
-        raise DataError(f"{record.origin}: field '{name}': the last message must be the assistant's")
+        raise _error(record, f"field '{name}': the last message must be the assistant's")
     return msgs
 
 
@@ -221,7 +271,7 @@ def _sft_messages(r: Record) -> SFTExample:
     name = "conversations" if sharegpt else "messages"
     msgs = _messages(r, name, _field(r, name, "messages"), sharegpt=sharegpt)
     if not any(m["role"] == "assistant" for m in msgs):
-        raise DataError(f"{r.origin}: field '{name}': no assistant message to learn from")
+        raise _error(r, f"field '{name}': no assistant message to learn from")
     return SFTExample(messages=msgs, origin=r.origin)
 
 
@@ -254,11 +304,156 @@ def _sft_text(r: Record) -> SFTExample:
     return SFTExample(text=_string(r, "text", _field(r, "text", "text")), origin=r.origin)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Preference and ranking formats
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def parse_hh(record: Record, name: str, text: Any) -> list[Message]:
+    """An HH-RLHF transcript (`\n\nHuman: ...\n\nAssistant: ...`) as messages."""
+    text = _string(record, name, text, allow_empty=True)
+    parts = _HH_TURN.split(text)
+    if parts[0].strip() or len(parts) < 3:
+        raise _error(record, f"field '{name}': not an HH transcript (expected it to start with '\\n\\nHuman:')")
+    return [{"role": "user" if who == "Human" else "assistant", "content": body.strip()}
+            for who, body in zip(parts[1::2], parts[2::2])]
+
+
+def split_shared_prompt(record: Record, a: list[Message], b: list[Message]
+                        ) -> tuple[list[Message], list[Message], list[Message]]:
+    """(prompt, response_a, response_b) of two conversations that share a beginning.
+
+    The prompt is the longest common run of whole turns, cut back so that it ends on a user turn (the turn an
+    assistant answers). Usually the conversations differ only in the final assistant turn; when they diverge
+    earlier, each response holds every turn from the divergence on."""
+    k = 0
+    while k < min(len(a), len(b)) and a[k] == b[k]:
+        k += 1
+    while k > 0 and a[k - 1]["role"] == "assistant":
+        k -= 1
+    if k == 0:
+        raise _error(record, "chosen and rejected share no prompt (no common user turn before they differ)")
+    prompt, ra, rb = a[:k], a[k:], b[k:]
+    if ra == rb:
+        raise _error(record, "chosen and rejected are identical")
+    for name, resp in (("chosen", ra), ("rejected", rb)):
+        if not resp or resp[-1]["role"] != "assistant":
+            raise _error(record, f"field '{name}': the response must end with an assistant turn")
+        if not resp[-1]["content"].strip():
+            raise _error(record, f"field '{name}': empty response")
+    return prompt, ra, rb
+
+
+def _margin(r: Record) -> Optional[float]:
+    value = r.data.get("margin")
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise _error(r, f"field 'margin': expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _check_responses(r: Record, prompt: list[Message], responses: list[list[Message]], names: list[str]) -> None:
+    for name, resp in zip(names, responses):
+        if not resp[-1]["content"].strip():
+            raise _error(r, f"field '{name}': empty response")
+    if prompt[-1]["role"] == "assistant":
+        raise _error(r, "field 'prompt': the prompt must end with a user (or system/tool) turn")
+
+
+def _pref_explicit(r: Record) -> PreferenceExample:
+    prompt = _prompt(r, "prompt", _field(r, "prompt", "preference"))
+    chosen = _response_allow_empty(r, "chosen", _field(r, "chosen", "preference"))
+    rejected = _response_allow_empty(r, "rejected", _field(r, "rejected", "preference"))
+    _check_responses(r, prompt, [chosen, rejected], ["chosen", "rejected"])
+    if chosen == rejected:
+        raise _error(r, "chosen and rejected are identical")
+    return PreferenceExample(prompt, chosen, rejected, _margin(r), r.origin)
+
+
+def _pref_conversations(r: Record) -> PreferenceExample:
+    """chosen/rejected as whole conversations: HH-RLHF transcript strings or message lists."""
+    raw_c, raw_r = _field(r, "chosen", "hh"), _field(r, "rejected", "hh")
+    if isinstance(raw_c, str):
+        a, b = parse_hh(r, "chosen", raw_c), parse_hh(r, "rejected", raw_r)
+    else:
+        a, b = _messages(r, "chosen", raw_c), _messages(r, "rejected", raw_r)
+    prompt, chosen, rejected = split_shared_prompt(r, a, b)
+    return PreferenceExample(prompt, chosen, rejected, _margin(r), r.origin)
+
+
+def _response_allow_empty(r: Record, name: str, value: Any) -> list[Message]:
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": _string(r, name, value, allow_empty=True)}]
+    return _response(r, name, value)
+
+
+def _ranking(r: Record) -> RankingExample:
+    prompt = _prompt(r, "prompt", _field(r, "prompt", "ranking"))
+    raw = _field(r, "responses", "ranking")
+    if not isinstance(raw, list):
+        raise _error(r, "field 'responses': expected a list")
+    if len(raw) < 2:
+        raise _error(r, f"field 'responses': a ranking needs at least 2 responses, got {len(raw)}")
+    responses = [_response_allow_empty(r, f"responses[{i}]", x) for i, x in enumerate(raw)]
+    if "ranks" in r.data and r.data["ranks"] is not None:
+        key, values, sign = "ranks", r.data["ranks"], 1.0
+    elif "scores" in r.data and r.data["scores"] is not None:
+        key, values, sign = "scores", r.data["scores"], -1.0  # a higher score is a better (lower) rank
+    else:
+        raise _error(r, "missing field 'ranks' (or 'scores') (format ranking)")
+    if not isinstance(values, list) or len(values) != len(raw):
+        got = len(values) if isinstance(values, list) else type(values).__name__
+        raise _error(r, f"field '{key}': expected {len(raw)} numbers (one per response), got {got}")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise _error(r, f"field '{key}': expected numbers")
+    _check_responses(r, prompt, responses, [f"responses[{i}]" for i in range(len(raw))])
+    return RankingExample(prompt, responses, [sign * float(v) for v in values], None, r.origin)
+
+
+def oasst_groups(root: dict) -> list[tuple[list[dict], list[dict]]]:
+    """Walk an OpenAssistant tree: (path of messages from the root to a prompter message, its ranked assistant
+    replies) for every prompter message with at least two ranked assistant replies, in depth-first order."""
+    out = []
+
+    def walk(node: dict, path: list[dict]) -> None:
+        path = path + [node]
+        ranked = [x for x in node.get("replies") or [] if x.get("rank") is not None and x.get("role") == "assistant"]
+        if node.get("role") == "prompter" and len(ranked) >= 2:
+            out.append((path, ranked))
+        for reply in node.get("replies") or []:
+            walk(reply, path)
+
+    walk(root, [])
+    return out
+
+
+def _oasst_tree(r: Record) -> list[RankingExample]:
+    """Every group of ranked sibling assistant replies in an OpenAssistant message tree becomes one ranking whose
+    prompt is the conversation above it (prompter -> user)."""
+    root = _field(r, "prompt", "oasst")
+    if not isinstance(root, dict) or "text" not in root:
+        raise _error(r, "field 'prompt': expected an OpenAssistant message (text, role, replies)")
+    roles = {"prompter": "user", "assistant": "assistant"}
+    out = []
+    for path, ranked in oasst_groups(root):
+        for node in path:
+            if node.get("role") not in roles:
+                raise _error(r, f"field 'role': expected prompter or assistant, got {node.get('role')!r}")
+        prompt = [{"role": roles[n["role"]], "content": n.get("text") or ""} for n in path]
+        responses = [[{"role": "assistant", "content": x.get("text") or ""}] for x in ranked]
+        names = [f"reply {x.get('message_id', i)}" for i, x in enumerate(ranked)]
+        _check_responses(r, prompt, responses, names)
+        out.append(RankingExample(prompt, responses, [float(x["rank"]) for x in ranked], None, r.origin))
+    return out
+
+
 @dataclass(frozen=True)
 class Format:
     name: str
     kind: str
-    """What it becomes: sft (more kinds come with the reward-model and DPO stages)."""
+    """What it becomes: sft (SFTExample) or preference (PreferenceExample / RankingExample)."""
     keys: tuple[str, ...]
     """Fields whose presence identifies the format (all of them)."""
     convert: Callable[[Record], Any]
@@ -272,6 +467,10 @@ FORMATS: list[Format] = [
     Format("alpaca", "sft", ("instruction", "output"), _sft_alpaca),
     Format("question_answer", "sft", ("question", "answer"), _sft_question_answer),
     Format("text", "sft", ("text",), _sft_text),
+    Format("preference", "preference", ("prompt", "chosen", "rejected"), _pref_explicit),
+    Format("hh", "preference", ("chosen", "rejected"), _pref_conversations),
+    Format("ranking", "preference", ("prompt", "responses"), _ranking),
+    Format("oasst", "preference", ("message_tree_id", "prompt"), _oasst_tree),
 ]
 BY_NAME = {f.name: f for f in FORMATS}
 
@@ -296,15 +495,35 @@ def get_format(name: str, record: Record, kind: str) -> Format:
     return BY_NAME[name]
 
 
-def convert_records(records: list[Record], fmt_name: str, kind: str) -> list[Any]:
+def convert_records(records: list[Record], fmt_name: str, kind: str, skip_invalid: bool = False) -> Examples:
+    """Canonical examples of `records` (a record may give several, e.g. an OpenAssistant tree). With
+    skip_invalid, a record that fails validation is left out and counted by reason instead of stopping."""
     fmt = get_format(fmt_name, records[0], kind)
-    return [fmt.convert(r) for r in records]
+    out, skipped = Examples(), Counter()
+    for r in records:
+        try:
+            converted = fmt.convert(r)
+        except DataError as err:
+            if not skip_invalid:
+                raise
+            skipped[err.reason] += 1
+            continue
+        out.extend(converted if isinstance(converted, list) else [converted])
+    out.skipped = dict(skipped)
+    if not out:
+        raise DataError(f"{records[0].origin.file}: no usable examples ({sum(skipped.values())} records skipped: "
+                        f"{dict(skipped)})")
+    return out
 
 
-def load_examples(source: Any, kind: str) -> list[Any]:
-    """Read a `config.DataSource` and convert every record to `kind`'s canonical example."""
+def load_examples(source: Any, kind: str) -> Examples:
+    """Read a `config.DataSource` and convert every record to `kind`'s canonical examples."""
     records = read_records(source.path, source.split, source.limit, source.columns)
-    return convert_records(records, source.format, kind)
+    examples = convert_records(records, source.format, kind, getattr(source, "skip_invalid", False))
+    if examples.skipped:
+        log.warning("%s: skipped %d invalid records: %s", source.path, sum(examples.skipped.values()),
+                    "; ".join(f"{n} x {reason}" for reason, n in sorted(examples.skipped.items())))
+    return examples
 
 
 def split_validation(examples: list, fraction: float, seed: int) -> tuple[list, list]:

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from align import data, losses, models
 from align.formats import DataError, Origin, SFTExample
+
 from helpers import tiny_causal_lm
 
 

@@ -5,6 +5,7 @@ import pytest
 from align import formats
 from align.config import DataSource
 from align.formats import DataError, SFTExample
+
 from helpers import ROOT
 
 GSM8K = str(ROOT / "data" / "gsm8k_400.jsonl")
@@ -148,3 +149,92 @@ def test_validation_split_is_seeded_disjoint_and_complete():
     assert len(val) == 10 and set(train) | set(val) == set(items) and not set(train) & set(val)
     assert formats.split_validation(items, 0.1, seed=3) == (train, val)
     assert formats.split_validation(items, 0.1, seed=4)[1] != val
+
+
+# ---- preference and ranking formats -------------------------------------------------------------------------
+
+from collections import Counter  # noqa: E402
+
+from align.formats import PreferenceExample, RankingExample  # noqa: E402
+
+from helpers import shared  # noqa: E402
+
+
+def prefs(path, **kw):
+    return formats.load_examples(DataSource(path=str(path), **kw), "preference")
+
+
+def test_hh_transcripts_split_into_shared_prompt_and_final_replies():
+    examples = prefs(shared("hh_harmless.jsonl"), skip_invalid=True)
+    raw = [json.loads(line) for line in open(shared("hh_harmless.jsonl"))]
+    first = examples[0]
+    assert isinstance(first, PreferenceExample) and first.prompt[-1]["role"] == "user"
+    assert [m["role"] for m in first.chosen] == ["assistant"]
+    tail = raw[0]["chosen"].rsplit("\n\nAssistant:", 1)[1].strip()
+    assert first.chosen[0]["content"] == tail
+    assert all(e.prompt[-1]["role"] == "user" and e.chosen[-1]["role"] == "assistant" for e in examples)
+
+
+def test_hh_rows_that_diverge_before_the_last_turn():
+    """Rows 662 and 1030 (1-based lines) differ from an earlier assistant turn: the prompt stops at the last
+    shared user turn and each response carries every turn after it."""
+    by_line = {e.origin.line: e for e in prefs(shared("hh_harmless.jsonl"), skip_invalid=True)}
+    for line, prompt_turns, last_user in ((662, 9, "Yes, I have that."), (1030, 3, "Isn't that drag kings?")):
+        e = by_line[line]
+        assert len(e.prompt) == prompt_turns and e.prompt[-1] == {"role": "user", "content": last_user}
+        assert len(e.chosen) == 2 and len(e.rejected) == 1
+        raw = json.loads(open(shared("hh_harmless.jsonl")).readlines()[line - 1])
+        assert raw["chosen"].rstrip().endswith(e.chosen[-1]["content"])
+        assert raw["rejected"].rstrip().endswith(e.rejected[-1]["content"])
+
+
+def test_hh_empty_reply_is_an_error_or_a_counted_skip():
+    with pytest.raises(DataError, match=r"hh_harmless\.jsonl:1481: field 'chosen': empty response"):
+        prefs(shared("hh_harmless.jsonl"))
+    examples = prefs(shared("hh_harmless.jsonl"), skip_invalid=True)
+    assert len(examples) == 1797 and examples.skipped == {"field 'chosen': empty response": 3}
+
+
+def test_oasst_trees_give_one_ranking_per_ranked_sibling_group():
+    groups = prefs(shared("oasst_en100_trees.jsonl"))
+    assert all(isinstance(g, RankingExample) for g in groups)
+    assert len(groups) == 212
+    assert sorted(Counter(len(g.responses) for g in groups).items()) == [
+        (2, 57), (3, 117), (4, 27), (5, 3), (6, 6), (8, 1), (9, 1)]
+    tree = json.loads(open(shared("oasst_en100_trees.jsonl")).readline())
+    first = groups[0]
+    assert first.prompt == [{"role": "user", "content": tree["prompt"]["text"]}]
+    ranked = [r for r in tree["prompt"]["replies"] if r.get("rank") is not None]
+    assert first.ranks == [float(r["rank"]) for r in ranked]
+    assert [resp[0]["content"] for resp in first.responses] == [r["text"] for r in ranked]
+
+
+def test_explicit_preference_with_messages_and_margin(tmp_path):
+    rec = {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", "content": "4"}],
+           "rejected": "5", "margin": 2}
+    (e,) = prefs(write_jsonl(tmp_path / "p.jsonl", [rec]))
+    assert e.chosen == [{"role": "assistant", "content": "4"}] and e.rejected[0]["content"] == "5"
+    assert e.margin == 2.0 and e.as_ranking().ranks == [0.0, 1.0]
+
+
+def test_ranked_lists_with_ranks_or_scores(tmp_path):
+    rows = [{"prompt": "q", "responses": ["a", "b", "c"], "ranks": [1, 0, 1]},
+            {"prompt": "q", "responses": ["a", "b"], "scores": [0.2, 0.9]}]
+    a, b = prefs(write_jsonl(tmp_path / "r.jsonl", rows))
+    assert a.ranks == [1.0, 0.0, 1.0]  # ties kept as equal ranks
+    assert b.ranks[1] < b.ranks[0]  # the higher score is the better rank
+
+
+@pytest.mark.parametrize("rec, pattern", [
+    ({"prompt": "q", "responses": ["only one"], "ranks": [0]},
+     r"field 'responses': a ranking needs at least 2 responses, got 1"),
+    ({"prompt": "q", "responses": ["a", "b", "c"], "ranks": [0, 1]}, r"field 'ranks': expected 3 numbers"),
+    ({"prompt": "q", "responses": ["a", ""], "ranks": [0, 1]}, r"field 'responses\[1\]': empty response"),
+    ({"prompt": "q", "chosen": "same", "rejected": "same"}, "chosen and rejected are identical"),
+    ({"prompt": "q", "chosen": "", "rejected": "b"}, r"field 'chosen': empty response"),
+    ({"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: a"},
+     "chosen and rejected are identical"),
+])
+def test_bad_preference_and_ranking_records(tmp_path, rec, pattern):
+    with pytest.raises(DataError, match=rf"b\.jsonl:1: {pattern}"):
+        prefs(write_jsonl(tmp_path / "b.jsonl", [rec]))
