@@ -43,3 +43,113 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     """Mean of `values` where `mask` is 1 (over all elements, or along `dim`)."""
     mask = mask.to(values.dtype)
     return masked_sum(values, mask, dim) / mask.sum(dim).clamp(min=1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reward models: pairs and K-wise rankings
+#
+# A batch of rankings is laid out as rewards [G, K] (one score per response, from ONE forward pass each),
+# ranks [G, K] (lower is better, equal is a tie) and valid [G, K] (groups have different K; padding is False).
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+    """Per pair: -log sigmoid(r_chosen - r_rejected - m)  (Bradley & Terry 1952; margin m as in Llama 2)."""
+    diff = chosen - rejected
+    if margin is not None:
+        diff = diff - margin
+    return -F.logsigmoid(diff)
+
+
+def _pair_masks(ranks: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """better[g, i, j]: response i is ranked above j; tie[g, i, j]: tied, counted once (i < j)."""
+    both = valid[:, :, None] & valid[:, None, :]
+    better = both & (ranks[:, :, None] < ranks[:, None, :])
+    upper = torch.ones(ranks.shape[1], ranks.shape[1], dtype=torch.bool, device=ranks.device).triu(1)
+    tie = both & (ranks[:, :, None] == ranks[:, None, :]) & upper
+    return better, tie
+
+
+def ranking_loss(rewards: torch.Tensor, ranks: torch.Tensor, valid: torch.Tensor,
+                 margins: torch.Tensor | None = None, ties: str = "ignore") -> torch.Tensor:
+    """InstructGPT's K-wise loss, per group [G] (Ouyang et al. 2022, eq. 1):
+
+        loss_g = 1/P_g * sum_{(w, l): rank_w < rank_l} -log sigmoid(r_w - r_l - m_g)
+
+    over the P_g ordered pairs of the group, so each group weighs the same whatever its K. Every one of the
+    C(K, 2) pairs reuses the K scores of one forward pass each. Ties give no pair (`ties="ignore"`), or with
+    `ties="half"` a pair with target probability 1/2: -(log sigmoid(d) + log sigmoid(-d)) / 2, which pulls the
+    two rewards together. The margin m_g (NaN = none) applies to the ordered pairs.
+    """
+    better, tie = _pair_masks(ranks, valid)
+    diff = rewards[:, :, None] - rewards[:, None, :]
+    if margins is not None:
+        diff = diff - torch.nan_to_num(margins, nan=0.0)[:, None, None]
+    total = (-F.logsigmoid(diff) * better).sum((1, 2))
+    count = better.sum((1, 2))
+    if ties == "half":
+        raw = rewards[:, :, None] - rewards[:, None, :]
+        total = total + (-(F.logsigmoid(raw) + F.logsigmoid(-raw)) / 2 * tie).sum((1, 2))
+        count = count + tie.sum((1, 2))
+    elif ties != "ignore":
+        raise ValueError(f"ties: expected ignore or half, got {ties!r}")
+    return total / count.clamp(min=1)
+
+
+def plackett_luce_loss(rewards: torch.Tensor, ranks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Listwise negative log-likelihood of the human order under Plackett-Luce, per group [G]:
+
+        loss_g = -1/(K_g - 1) * sum_{i=1}^{K_g - 1} [ r_(i) - log sum_{j >= i} exp r_(j) ]
+
+    where r_(1) ... r_(K) are the rewards sorted best first. Divided by the K - 1 choices so that groups of any
+    size weigh the same; for K = 2 it is exactly the Bradley-Terry loss. Tied responses are ordered as given.
+    """
+    key = torch.where(valid, ranks, torch.full_like(ranks, float("inf")))
+    order = torch.sort(key, dim=1, stable=True).indices
+    r = torch.gather(rewards, 1, order)
+    v = torch.gather(valid, 1, order)
+    r_safe = torch.where(v, r, torch.full_like(r, -1e4))  # exp(-1e4) = 0: padding never enters a sum
+    suffix = torch.logcumsumexp(r_safe.flip(1), dim=1).flip(1)
+    terms = torch.where(v, r_safe - suffix, torch.zeros_like(r))
+    choices = (v.sum(1) - 1).clamp(min=1)
+    return -terms.sum(1) / choices
+
+
+def center_penalty(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per group [G]: (mean_k r_k)^2, pushing each group's mean reward to 0 (Eisenstein et al. 2023). For a pair
+    it is ((r_c + r_r) / 2)^2, a quarter of TRL's center_rewards_coefficient term."""
+    return (masked_sum(rewards, valid, 1) / valid.sum(1).clamp(min=1)) ** 2
+
+
+def ranking_stats(rewards: torch.Tensor, ranks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Sums to aggregate over micro-batches and processes before dividing:
+    [pairs ranked right, ordered pairs, sum of (r_w - r_l), sum r, sum r^2, responses]."""
+    better, _ = _pair_masks(ranks, valid)
+    diff = (rewards[:, :, None] - rewards[:, None, :]).detach()
+    r = rewards.detach()[valid]
+    return torch.stack([((diff > 0) & better).sum().float(), better.sum().float(), (diff * better).sum(),
+                        r.sum(), (r * r).sum(), torch.tensor(float(r.numel()), device=r.device)])
+
+
+def summarize_ranking_stats(sums: torch.Tensor, prefix: str) -> dict[str, float]:
+    correct, pairs, margin, total, squares, n = sums.tolist()
+    mean = total / max(n, 1)
+    return {f"accuracy/{prefix}": correct / max(pairs, 1), f"reward/margin_{prefix}": margin / max(pairs, 1),
+            f"reward/mean_{prefix}": mean, f"reward/std_{prefix}": max(squares / max(n, 1) - mean * mean, 0) ** 0.5}
+
+
+def length_correlation_penalty(rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The reward variance explained by log response length over a batch of responses:
+
+        var(r) * rho(r, log len)^2  =  cov(r, x)^2 / var(x),   x = log(1 + len)
+
+    Penalising it (after ODIN, Chen et al. 2024, which decorrelates reward from length) keeps the reward model
+    from encoding "longer/shorter wins" as a shortcut for quality. Unlike rho^2 alone, which is scale-free and
+    whose gradient grows as 1/std(r) while the rewards are still near zero, this term is small when the rewards
+    are. Log lengths keep a few very long replies from dominating the estimate."""
+    x = torch.log1p(lengths.float())
+    r, x = rewards - rewards.mean(), x - x.mean()
+    n = rewards.numel()
+    return ((r * x).sum() / n) ** 2 / (x.pow(2).sum() / n).clamp(min=1e-8)
+
+

@@ -33,3 +33,103 @@ def test_masked_mean():
     mask = torch.tensor([[1, 1, 0], [0, 0, 1]])
     assert losses.masked_mean(values, mask).item() == (1 + 2 + 6) / 3
     assert losses.masked_mean(values, mask, dim=1).tolist() == [1.5, 6.0]
+
+
+# ---- reward-model losses ------------------------------------------------------------------------------------
+
+def _groups():
+    """Three groups of K = 4, 3, 2 (padded to 4), with a tie in the first."""
+    rewards = torch.tensor([[0.3, -1.2, 2.0, 0.7], [1.5, 0.1, -0.4, 0.0], [0.2, 0.9, 0.0, 0.0]], requires_grad=True)
+    ranks = torch.tensor([[1.0, 3.0, 0.0, 1.0], [0.0, 2.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    valid = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    return rewards, ranks, valid
+
+
+def naive_pairs(ranks_row, k):
+    return [(i, j) for i in range(k) for j in range(k) if ranks_row[i] < ranks_row[j]]
+
+
+def test_kwise_loss_equals_the_naive_sum_over_its_pairs():
+    rewards, ranks, valid = _groups()
+    per_group = losses.ranking_loss(rewards, ranks, valid)
+    for g in range(3):
+        k = int(valid[g].sum())
+        pairs = naive_pairs(ranks[g].tolist(), k)
+        naive = sum(-math.log(1 / (1 + math.exp(-(rewards[g, i].item() - rewards[g, j].item())))) for i, j in pairs)
+        assert abs(per_group[g].item() - naive / len(pairs)) < 1e-6
+    assert len(naive_pairs(ranks[0].tolist(), 4)) == 5  # C(4,2) = 6 pairs, minus the tie
+
+
+def test_kwise_gradient_equals_pairwise_expansion():
+    """The one-pass K-wise loss and the same groups expanded into separate pairs give the same gradient."""
+    rewards, ranks, valid = _groups()
+    losses.ranking_loss(rewards, ranks, valid).sum().backward()
+    kwise = rewards.grad.clone()
+    rewards.grad = None
+    total = 0
+    for g in range(3):
+        pairs = naive_pairs(ranks[g].tolist(), int(valid[g].sum()))
+        for i, j in pairs:
+            total = total + losses.bradley_terry_loss(rewards[g, i], rewards[g, j]) / len(pairs)
+    total.backward()
+    torch.testing.assert_close(rewards.grad, kwise)
+
+
+def test_ties_give_no_pair_or_a_half_target():
+    rewards = torch.tensor([[1.0, 3.0]])
+    ranks, valid = torch.tensor([[0.0, 0.0]]), torch.ones(1, 2, dtype=torch.bool)
+    assert losses.ranking_loss(rewards, ranks, valid).item() == 0.0
+    assert losses.ranking_stats(rewards, ranks, valid)[1].item() == 0  # no ordered pair
+    half = losses.ranking_loss(rewards, ranks, valid, ties="half").item()
+    expected = -(math.log(1 / (1 + math.exp(2))) + math.log(1 / (1 + math.exp(-2)))) / 2
+    assert abs(half - expected) < 1e-6
+
+
+def test_bradley_terry_with_margin():
+    assert abs(losses.bradley_terry_loss(torch.tensor(2.0), torch.tensor(0.5), torch.tensor(1.0)).item()
+               - math.log(1 + math.exp(-0.5))) < 1e-6
+    rewards, ranks, valid = torch.tensor([[2.0, 0.5]]), torch.tensor([[0.0, 1.0]]), torch.ones(1, 2, dtype=torch.bool)
+    with_margin = losses.ranking_loss(rewards, ranks, valid, torch.tensor([1.0])).item()
+    assert abs(with_margin - math.log(1 + math.exp(-0.5))) < 1e-6
+
+
+def test_plackett_luce_matches_hand_computation():
+    # Best first: response 2 (r=2), then 0 (r=0.5), then 1 (r=-1).
+    rewards, ranks = torch.tensor([[0.5, -1.0, 2.0]]), torch.tensor([[1.0, 2.0, 0.0]])
+    valid = torch.ones(1, 3, dtype=torch.bool)
+    e = math.exp
+    nll = -(math.log(e(2) / (e(2) + e(0.5) + e(-1))) + math.log(e(0.5) / (e(0.5) + e(-1))))
+    assert abs(losses.plackett_luce_loss(rewards, ranks, valid).item() - nll / 2) < 1e-6
+    # Padding does not change a group's value.
+    padded = losses.plackett_luce_loss(torch.tensor([[0.5, -1.0, 2.0, 9.0]]), torch.tensor([[1.0, 2.0, 0.0, 0.0]]),
+                                       torch.tensor([[1, 1, 1, 0]], dtype=torch.bool))
+    assert abs(padded.item() - nll / 2) < 1e-6
+
+
+def test_plackett_luce_on_a_pair_is_bradley_terry():
+    rewards, ranks, valid = torch.tensor([[0.2, 1.1]]), torch.tensor([[1.0, 0.0]]), torch.ones(1, 2, dtype=torch.bool)
+    torch.testing.assert_close(losses.plackett_luce_loss(rewards, ranks, valid),
+                               losses.bradley_terry_loss(torch.tensor([1.1]), torch.tensor([0.2])))
+
+
+def test_center_penalty_and_stats():
+    rewards, ranks, valid = _groups()
+    assert abs(losses.center_penalty(rewards, valid)[2].item() - ((0.2 + 0.9) / 2) ** 2) < 1e-6
+    correct, pairs, margin, total, squares, n = losses.ranking_stats(rewards, ranks, valid).tolist()
+    assert (pairs, n) == (5 + 3 + 1, 9)
+    # group 0: (2>0) (2>3) (2>1) (0>1) (3>1) with r = .3 -1.2 2 .7 -> all right; group 1: 0>2, 0>1, 2>1 ->
+    # 1.5>-0.4 yes, 1.5>0.1 yes, -0.4>0.1 no; group 2: 1>0 -> 0.9>0.2 yes.
+    assert correct == 8
+
+
+def test_length_correlation_penalty_matches_hand_computation():
+    rewards = torch.tensor([1.0, 2.0, 0.5, 3.0])
+    lengths = torch.tensor([10, 40, 5, 100])
+    x = [math.log1p(v) for v in (10, 40, 5, 100)]
+    r = [1.0, 2.0, 0.5, 3.0]
+    mx, mr = sum(x) / 4, sum(r) / 4
+    cov = sum((a - mx) * (b - mr) for a, b in zip(x, r))
+    var_x, var_r = sum((a - mx) ** 2 for a in x) / 4, sum((b - mr) ** 2 for b in r) / 4
+    rho = cov / 4 / math.sqrt(var_x * var_r)
+    assert abs(losses.length_correlation_penalty(rewards, lengths).item() - var_r * rho**2) < 1e-6
+    assert losses.length_correlation_penalty(torch.tensor([1.0, 1.0, 1.0]), torch.tensor([1, 5, 9])).item() == 0
