@@ -68,6 +68,8 @@ class ModelConfig:
     model whose tokenizer has none."""
     trust_remote_code: bool = False
     """Allow model code from the Hub repository (off by default: it runs arbitrary code)."""
+    disable_dropout: bool = False
+    """Set every dropout probability in the model to 0 (reward models train without it by default, as in TRL)."""
 
     def _check(self, at: str) -> None:
         one_of(f"{at}.init", self.init, ("pretrained", "random"))
@@ -109,6 +111,9 @@ class DataSource:
     """Split to read when `path` goes through `datasets.load_dataset`."""
     limit: Optional[int] = None
     """Use only the first `limit` records."""
+    skip_invalid: bool = False
+    """Leave out records that fail validation (counted by reason in the log and the run report) instead of
+    stopping at the first one."""
 
 
 @dataclass
@@ -261,8 +266,95 @@ class SFTConfig:
         check_run(self)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Reward model
+
+
+@dataclass
+class RMDataConfig:
+    train: DataSource = field(default_factory=DataSource)
+    """Preference pairs or rankings (see align/formats.py for the formats)."""
+    validation: Optional[DataSource] = None
+    """Validation data from its own file; or use validation_fraction."""
+    validation_fraction: float = 0.0
+    """Hold out this fraction of the training examples (a seeded shuffle) as validation data."""
+    max_length: int = 512
+    """Longest (prompt, response) sequence, in tokens."""
+    truncation: str = "left"
+    """left (cut the start of the prompt, so the final assistant turn survives), right, drop, or error."""
+    template: str = "auto"
+    """chat (the tokenizer's chat template; causal backbones), pair (a "Human: ... / Assistant: ..." sentence pair
+    for encoders), or auto (chat when the tokenizer has a template)."""
+    max_tokens_per_forward: int = 4096
+    """Encoders: a micro-batch's sequences are sorted by length and scored in forwards of at most this many padded
+    tokens, so short sequences are not padded to the longest (causal backbones are packed without padding)."""
+
+    def _check(self, at: str) -> None:
+        if self.validation is not None and self.validation_fraction > 0:
+            raise ConfigError(f"{at}.validation and {at}.validation_fraction are both set; choose one")
+        if not 0 <= self.validation_fraction < 1:
+            raise ConfigError(f"{at}.validation_fraction: must be in [0, 1); got {self.validation_fraction}")
+        positive(f"{at}.max_length", self.max_length)
+        one_of(f"{at}.truncation", self.truncation, ("left", "right", "drop", "error"))
+        one_of(f"{at}.template", self.template, ("auto", "chat", "pair"))
+        positive(f"{at}.max_tokens_per_forward", self.max_tokens_per_forward)
+
+
+@dataclass
+class RMLossConfig:
+    type: str = "pairwise"
+    """pairwise: Bradley-Terry on every ordered pair of a group from one score per response, each group weighted
+    equally (InstructGPT); plackett_luce: the listwise likelihood of the human order."""
+    ties: str = "ignore"
+    """Tied ranks: ignore (no pair) or half (a pair with target 1/2, pulling the two rewards together)."""
+    use_margin: bool = True
+    """Subtract the data's `margin` field from the reward difference of a pair (Llama 2), when present."""
+    center_coef: float = 0.0
+    """Weight of (mean reward of a group)^2, keeping rewards centred at 0 (0 disables)."""
+    length_corr_coef: float = 0.0
+    """Weight of the reward variance explained by log response length in a micro-batch, var(r) rho(r, log len)^2
+    (after ODIN, Chen et al. 2024): discourages "longer/shorter wins" shortcuts (0 disables)."""
+
+    def _check(self, at: str) -> None:
+        one_of(f"{at}.type", self.type, ("pairwise", "plackett_luce"))
+        positive(f"{at}.length_corr_coef", self.length_corr_coef, allow_zero=True)
+        one_of(f"{at}.ties", self.ties, ("ignore", "half"))
+        positive(f"{at}.center_coef", self.center_coef, allow_zero=True)
+        if self.type == "plackett_luce" and self.ties == "half":
+            raise ConfigError(f"{at}.ties=half applies to the pairwise loss; Plackett-Luce orders ties as given")
+
+
+@dataclass
+class RMConfig:
+    """Reward model from human preferences: `python -m align.rm RECIPE.yaml [key=value ...]`."""
+
+    output_dir: str = MISSING
+    """Run folder: config, metrics, checkpoints, the final reward model."""
+    resume: bool = False
+    """Continue from the newest checkpoint in output_dir."""
+    overwrite: bool = False
+    """Delete an existing output_dir first."""
+    seed: int = 42
+    """Seed for data order, the new head's initialisation and dropout."""
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(disable_dropout=True))
+    """The backbone: a causal LM (score on the last token) or an encoder (score on [CLS])."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Adapters on the backbone (the new head always trains in full)."""
+    data: RMDataConfig = field(default_factory=RMDataConfig)
+    """Data, template, truncation and batching."""
+    loss: RMLossConfig = field(default_factory=RMLossConfig)
+    """The ranking loss."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation; batch sizes count groups (a pair is a group of two)."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Metrics and progress."""
+
+    def _check(self, at: str) -> None:
+        check_run(self)
+
+
 # Stage name -> config class. A recipe file named `<stage>*.yaml` is validated against its stage's class.
-STAGES: dict[str, type] = {"sft": SFTConfig}
+STAGES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig}
 
 
 # --------------------------------------------------------------------------------------------------------------

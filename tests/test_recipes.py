@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from align.config import STAGES, load_config, stage_of_recipe
+
 from helpers import ROOT
 
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml"))

@@ -1,0 +1,1 @@
+"""Reward models: the scoring wrapper, programmatic rules, and the score/evaluate entry points."""

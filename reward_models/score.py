@@ -1,0 +1,96 @@
+"""Score a file with a reward model: every response gets a reward, written back into its row.
+
+    python -m reward_models.score --model runs/rm/model --data FILE --out FILE
+
+Rows may be {prompt, response} (-> "reward"), preference pairs in any format align reads (-> "reward_chosen",
+"reward_rejected"), ranked lists (-> "rewards", one per response) or OpenAssistant trees (-> "reward" on every
+ranked assistant reply). The template and truncation are the ones the model was trained with; sequences are
+batched by length. Works with align's reward models and any one-output sequence-classification model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from align import formats
+from align.formats import DataError
+from align.train import setup_logging
+from reward_models.model import RewardScorer, as_prompt, as_response
+
+
+def _items(records: list[formats.Record], fmt: str) -> tuple[str, list[list]]:
+    """(format name, for each record the list of (prompt, response) pairs to score)."""
+    first = records[0]
+    if fmt in ("auto", "prompt_response") and {"prompt", "response"} <= set(first.data):
+        out = []
+        for r in records:
+            if "prompt" not in r.data or "response" not in r.data:
+                raise DataError(f"{r.origin}: missing field 'prompt' or 'response'")
+            out.append([(as_prompt(r.data["prompt"]), as_response(r.data["response"]))])
+        return "prompt_response", out
+    kind = formats.get_format(fmt, first, "preference")
+    out = []
+    for r in records:
+        converted = kind.convert(r)
+        examples = converted if isinstance(converted, list) else [converted]
+        pairs = []
+        for ex in examples:
+            ranking = ex.as_ranking() if hasattr(ex, "as_ranking") else ex
+            pairs.extend((ranking.prompt, resp) for resp in ranking.responses)
+        out.append(pairs)
+    return kind.name, out
+
+
+def _write_back(fmt: str, row: dict, rewards: list[float]) -> dict:
+    row = dict(row)
+    if fmt == "prompt_response":
+        row["reward"] = rewards[0]
+    elif fmt in ("preference", "hh"):
+        row["reward_chosen"], row["reward_rejected"] = rewards
+    elif fmt == "ranking":
+        row["rewards"] = rewards
+    elif fmt == "oasst":
+        row = json.loads(json.dumps(row))  # a deep copy: the tree is annotated in place
+        replies = [reply for _, ranked in formats.oasst_groups(row["prompt"]) for reply in ranked]
+        for reply, reward in zip(replies, rewards):
+            reply["reward"] = reward
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m reward_models.score", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="reward model folder")
+    ap.add_argument("--data", required=True, help="JSONL/JSON/parquet file or datasets path")
+    ap.add_argument("--out", required=True, help="output JSONL file")
+    ap.add_argument("--format", default="auto", help="record format (default: detected)")
+    ap.add_argument("--max-length", type=int, default=None, help="override the model's max_length")
+    ap.add_argument("--max-tokens", type=int, default=8192, help="padded tokens per forward pass")
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args(argv)
+    setup_logging(is_main=True)
+    try:
+        records = formats.read_records(args.data)
+        fmt, per_record = _items(records, args.format)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    scorer = RewardScorer(args.model, device=args.device, max_tokens=args.max_tokens, max_length=args.max_length)
+    flat = [pair for pairs in per_record for pair in pairs]
+    rewards = scorer.score_sequences([scorer.tokenize(p, r) for p, r in flat], progress=True).tolist()
+    out, tmp = Path(args.out), Path(args.out).with_name(f".tmp-{Path(args.out).name}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    k = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record, pairs in zip(records, per_record):
+            f.write(json.dumps(_write_back(fmt, record.data, rewards[k: k + len(pairs)])) + "\n")
+            k += len(pairs)
+    os.replace(tmp, out)
+    print(f"scored {len(flat)} responses in {len(records)} rows ({fmt}) -> {out}")
+
+
+if __name__ == "__main__":
+    main()

