@@ -219,7 +219,8 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        return (self.dir / "report.json").is_file()
+        """The folder holds a completed run (and overwrite=true does not ask to redo it)."""
+        return not self.cfg.overwrite and (self.dir / "report.json").is_file()
 
     def report(self) -> dict:
         return json.loads((self.dir / "report.json").read_text())
