@@ -494,3 +494,117 @@ def scatter_groups(flat: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     out = flat.new_zeros(valid.shape)
     out[valid] = flat
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Policy tokenization of preference pairs (DPO): (prompt, response) -> Tokenized whose targets are the response
+#
+#   chat    the tokenizer's chat template: the response is what rendering prompt + response adds after the prompt
+#           rendered with its generation prompt, i.e. exactly the characters the policy would generate (end-of-turn
+#           token included)
+#   plain   "Human: ...\n\nAssistant:" and the response after it, then EOS: base models without a chat template
+# The two responses of a pair are truncated alike (see truncate_pair), so they keep the same prompt.
+
+
+@dataclass
+class TokenizedPair:
+    chosen: Tokenized
+    rejected: Tokenized
+    origin: Optional[Origin] = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.chosen) + len(self.rejected)
+
+
+def resolve_policy_template(tokenizer, template: str) -> str:
+    if template == "auto":
+        return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+    if template == "chat":
+        require_chat_template(tokenizer)
+    return template
+
+
+def tokenize_response(tokenizer, prompt: Sequence[Message], response: Sequence[Message], template: str,
+                      origin: Optional[Origin] = None) -> Tokenized:
+    """prompt + response as one sequence whose targets are the response's tokens (nothing is truncated here)."""
+    if template == "chat":
+        before = render(tokenizer, prompt, add_generation_prompt=True)
+        text = render(tokenizer, list(prompt) + list(response))
+        if not text.startswith(before):
+            raise DataError(f"{origin}: the chat template renders the prompt differently when a response follows "
+                            f"(not prefix-preserving), so the response tokens cannot be located; set "
+                            f"model.chat_template, or data.template=plain")
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    else:
+        first = response[0]["role"] if response else "assistant"
+        before = plain_text(prompt) + f"\n\n{ROLE_LABELS[first]}:"
+        text = plain_text(list(prompt) + list(response))
+        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    mask = [start >= len(before) and end > start for start, end in offsets]
+    if template == "plain" and tokenizer.eos_token_id is not None and ids[-1] != tokenizer.eos_token_id:
+        ids.append(tokenizer.eos_token_id)  # the policy learns to stop
+        mask.append(True)
+    mask[0] = False
+    return Tokenized(ids, mask, origin)
+
+
+def _first_target(tok: Tokenized) -> int:
+    return next((i for i, m in enumerate(tok.loss_mask) if m), len(tok))
+
+
+def truncate_pair(chosen: Tokenized, rejected: Tokenized, max_length: int, rule: str
+                  ) -> Optional[tuple[Tokenized, Tokenized]]:
+    """Apply the truncation rule to both sequences of a pair; None when the pair is dropped.
+
+    left   cut the oldest prompt tokens, the same number from both (at least one prompt token stays, so the first
+           response token is still predicted); a response still too long then loses its end
+    right  keep each sequence's first max_length tokens (TRL's keep_start)"""
+    longest = max(len(chosen), len(rejected))
+    if longest <= max_length:
+        return chosen, rejected
+    if rule == "error":
+        raise DataError(f"{chosen.origin}: {longest} tokens, longer than data.max_length={max_length} "
+                        f"(data.truncation=error)")
+    if rule == "drop":
+        return None
+
+    def cut(tok: Tokenized, start: int) -> Tokenized:
+        ids, mask = tok.input_ids[start: start + max_length], list(tok.loss_mask[start: start + max_length])
+        mask[0] = False
+        return Tokenized(ids, mask, tok.origin)
+
+    start = 0
+    if rule == "left":
+        start = max(0, min(longest - max_length, _first_target(chosen) - 1, _first_target(rejected) - 1))
+    return cut(chosen, start), cut(rejected, start)
+
+
+def tokenize_pairs(examples: Sequence, tokenizer, template: str, max_length: int, truncation: str = "left"
+                   ) -> tuple[list[TokenizedPair], TruncationStats]:
+    """PreferenceExample -> TokenizedPair. Pairs left without response tokens, or token-identical, after
+    truncation are dropped and counted."""
+    stats = TruncationStats(truncation, max_length, total=len(examples))
+    out = []
+    for ex in examples:
+        chosen = tokenize_response(tokenizer, ex.prompt, ex.chosen, template, ex.origin)
+        rejected = tokenize_response(tokenizer, ex.prompt, ex.rejected, template, ex.origin)
+        stats.too_long += max(len(chosen), len(rejected)) > max_length
+        kept = truncate_pair(chosen, rejected, max_length, truncation)
+        if kept is None:
+            stats.dropped["longer than max_length"] += 1
+        elif kept[0].num_targets == 0 or kept[1].num_targets == 0:
+            stats.dropped["no response tokens left after truncation"] += 1
+        elif kept[0].input_ids == kept[1].input_ids:
+            stats.dropped["chosen and rejected identical after truncation"] += 1
+        else:
+            out.append(TokenizedPair(kept[0], kept[1], ex.origin))
+    if not out:
+        raise DataError(f"no usable pairs: {stats.summary()}")
+    return out, stats
+
+
+def collate_pairs(pairs: Sequence[TokenizedPair], padding_free: bool, pad_token_id: int) -> TokenBatch:
+    """Chosen and rejected of every pair in ONE batch (one forward): sequences [c_1..c_B, r_1..r_B]."""
+    return collate([p.chosen for p in pairs] + [p.rejected for p in pairs], padding_free, pad_token_id)

@@ -26,7 +26,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant", "tool")
@@ -546,4 +546,25 @@ def with_system_prompt(examples: list[SFTExample], system_prompt: str) -> list[S
         if ex.messages is not None and ex.messages[0]["role"] != "system":
             ex = SFTExample(messages=[{"role": "system", "content": system_prompt}] + ex.messages, origin=ex.origin)
         out.append(ex)
+    return out
+
+
+def ranking_pairs(examples: Sequence, mode: str = "all_pairs") -> list[PreferenceExample]:
+    """Preference pairs for pairwise methods (DPO): pairs stay as they are; a ranking of K responses gives every
+    pair with distinct ranks (`all_pairs`, the better one chosen) or its best against its worst (`best_worst`,
+    the first listed among tied ones). Ties give no pair; a ranking whose responses all tie gives none."""
+    out = []
+    for ex in examples:
+        if isinstance(ex, PreferenceExample):
+            out.append(ex)
+            continue
+        k = len(ex.responses)
+        if mode == "best_worst":
+            best = min(range(k), key=lambda i: ex.ranks[i])
+            worst = max(range(k), key=lambda i: ex.ranks[i])
+            pairs = [(best, worst)] if ex.ranks[best] < ex.ranks[worst] else []
+        else:
+            pairs = [(i, j) if ex.ranks[i] < ex.ranks[j] else (j, i)
+                     for i in range(k) for j in range(i + 1, k) if ex.ranks[i] != ex.ranks[j]]
+        out.extend(PreferenceExample(ex.prompt, ex.responses[a], ex.responses[b], None, ex.origin) for a, b in pairs)
     return out

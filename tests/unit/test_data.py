@@ -183,3 +183,62 @@ def test_step_sampler_is_deterministic_and_covers_each_epoch_once():
     fresh = data.StepSampler(10, 3, seed=1)
     assert fresh.indices(4) == s.indices(4)  # any step, in any order: what resume relies on
     assert data.shard(list(range(8)), 1, 2) == [4, 5, 6, 7]
+
+
+# ---- DPO pairs ------------------------------------------------------------------------------------------------
+
+PROMPT = [{"role": "user", "content": "Tell me about the moon, please, in a few words."}]
+CHOSEN = [{"role": "assistant", "content": "The moon orbits Earth every 27 days."}]
+REJECTED = [{"role": "assistant", "content": "No."}]
+
+
+@pytest.mark.parametrize("template", ["chat", "plain"])
+def test_response_targets_are_exactly_the_response(tiny_tokenizer, template):
+    tok = data.tokenize_response(tiny_tokenizer, PROMPT, CHOSEN, template)
+    (run,) = decoded_runs(tiny_tokenizer, tok)
+    if template == "chat":  # what the template adds after the generation prompt: content and end of turn
+        assert run.startswith(CHOSEN[0]["content"]) and tiny_tokenizer.eos_token in run
+    else:
+        assert run.strip() == CHOSEN[0]["content"] + tiny_tokenizer.eos_token
+    prompt_text = tiny_tokenizer.decode([i for i, m in zip(tok.input_ids, tok.loss_mask) if not m])
+    assert PROMPT[0]["content"] in prompt_text and CHOSEN[0]["content"] not in prompt_text
+
+
+def test_left_truncation_cuts_the_same_prompt_tokens_from_both_and_keeps_the_responses(tiny_tokenizer):
+    chosen = data.tokenize_response(tiny_tokenizer, PROMPT, CHOSEN, "chat")
+    rejected = data.tokenize_response(tiny_tokenizer, PROMPT, REJECTED, "chat")
+    limit = len(chosen) - 5
+    c, r = data.truncate_pair(chosen, rejected, limit, "left")
+    assert len(c) == limit and c.input_ids == chosen.input_ids[5:]
+    assert r.input_ids == rejected.input_ids[5:]  # the same prompt cut, though rejected was short enough
+    assert c.num_targets == chosen.num_targets and r.num_targets == rejected.num_targets
+    # responses longer than the budget: at most the prompt goes (one token stays), then the response's end
+    first = chosen.loss_mask.index(True)
+    c, r = data.truncate_pair(chosen, rejected, 4, "left")
+    assert c.input_ids == chosen.input_ids[first - 1: first + 3] and not c.loss_mask[0]
+    kept_right = data.truncate_pair(chosen, rejected, limit, "right")
+    assert kept_right[0].input_ids == chosen.input_ids[:limit]
+    assert data.truncate_pair(chosen, rejected, limit, "drop") is None
+    with pytest.raises(DataError, match="max_length"):
+        data.truncate_pair(chosen, rejected, limit, "error")
+
+
+def test_pairs_made_identical_by_truncation_are_dropped_and_counted(tiny_tokenizer):
+    from align.formats import PreferenceExample
+
+    same_start = [{"role": "assistant", "content": "Yes. And then a long different ending A."}]
+    other = [{"role": "assistant", "content": "Yes. And then a long different ending B."}]
+    examples = [PreferenceExample(PROMPT, same_start, other), PreferenceExample(PROMPT, CHOSEN, REJECTED)]
+    prompt_len = data.tokenize_response(tiny_tokenizer, PROMPT, CHOSEN, "chat").loss_mask.index(True)
+    pairs, stats = data.tokenize_pairs(examples, tiny_tokenizer, "chat", prompt_len + 2, "right")
+    assert len(pairs) == 1 and stats.dropped == {"chosen and rejected identical after truncation": 1}
+
+
+def test_collate_pairs_puts_chosen_then_rejected_in_one_row(tiny_tokenizer):
+    from align.formats import PreferenceExample
+
+    pairs, _ = data.tokenize_pairs([PreferenceExample(PROMPT, CHOSEN, REJECTED)] * 2, tiny_tokenizer, "chat", 512)
+    batch = data.collate_pairs(pairs, True, 0)
+    assert batch.input_ids.shape == (1, 2 * len(pairs[0].chosen) + 2 * len(pairs[0].rejected))
+    assert batch.input_ids[0, : len(pairs[0].chosen)].tolist() == pairs[0].chosen.input_ids
+    assert batch.num_examples == 4
