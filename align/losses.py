@@ -153,3 +153,111 @@ def length_correlation_penalty(rewards: torch.Tensor, lengths: torch.Tensor) -> 
     return ((r * x).sum() / n) ** 2 / (x.pow(2).sum() / n).clamp(min=1e-8)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Offline preference optimisation: DPO and variants
+#
+# Inputs are per-sequence log-probabilities of the response tokens, summed: policy_* [B] and ref_* [B] for the
+# chosen (y_w) and rejected (y_l) responses; counts are their numbers of response tokens [B] where a variant
+# normalises by length. h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l)). Each loss returns
+# the per-pair loss [B]; the recipe averages over the global batch.
+
+
+def sequence_logprobs(token_logps: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Sum the target-token log-probs [K] of each sequence: counts [S] says how many consecutive entries of
+    token_logps belong to each sequence (targets are ordered sequence by sequence) -> [S]."""
+    owner = torch.repeat_interleave(torch.arange(len(counts), device=token_logps.device), counts)
+    out = torch.zeros(len(counts), dtype=token_logps.dtype, device=token_logps.device)
+    return out.index_add(0, owner, token_logps)
+
+
+def dpo_logits(policy_chosen, policy_rejected, ref_chosen, ref_rejected) -> torch.Tensor:
+    """h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l)): the implicit reward margin / beta."""
+    return (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+
+
+def dpo_sigmoid_loss(h: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """DPO (Rafailov et al. 2023, eq. 7): L = -log sigmoid(beta h).
+    With label smoothing eps, conservative DPO (Mitchell 2023), for labels flipped with probability eps:
+    L = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)."""
+    loss = -F.logsigmoid(beta * h)
+    if label_smoothing:
+        loss = (1 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-beta * h)
+    return loss
+
+
+def robust_dpo_loss(h: torch.Tensor, beta: float, eps: float) -> torch.Tensor:
+    """Robust DPO (Chowdhury et al. 2024, eq. 10), unbiased under label noise eps < 1/2:
+    L = [-(1 - eps) log sigmoid(beta h) + eps log sigmoid(-beta h)] / (1 - 2 eps)."""
+    return (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+
+
+def ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_count, rejected_count,
+             beta: float) -> torch.Tensor:
+    """IPO (Azar et al. 2023, eq. 17): L = (h_avg - 1/(2 tau))^2 with tau = beta, where h_avg uses log-ratios
+    averaged over each response's tokens (as TRL does, agreed with the IPO authors: the summed form makes the
+    squared loss scale with length)."""
+    h = (policy_chosen - ref_chosen) / chosen_count.clamp(min=1) - \
+        (policy_rejected - ref_rejected) / rejected_count.clamp(min=1)
+    return (h - 1 / (2 * beta)) ** 2
+
+
+def hinge_loss(h: torch.Tensor, beta: float) -> torch.Tensor:
+    """SLiC-HF's calibration loss (Zhao et al. 2023, eq. 1) on the DPO margin: L = max(0, 1 - beta h)."""
+    return torch.relu(1 - beta * h)
+
+
+def simpo_loss(policy_chosen, policy_rejected, chosen_count, rejected_count, beta: float, gamma: float
+               ) -> torch.Tensor:
+    """SimPO (Meng et al. 2024, eq. 6), reference-free and length-normalised:
+    L = -log sigmoid(beta/|y_w| log pi(y_w) - beta/|y_l| log pi(y_l) - gamma), gamma the target reward margin."""
+    margin = beta * policy_chosen / chosen_count.clamp(min=1) - beta * policy_rejected / rejected_count.clamp(min=1)
+    return -F.logsigmoid(margin - gamma)
+
+
+def nll_loss(chosen_logps: torch.Tensor, num_chosen_tokens: torch.Tensor | int) -> torch.Tensor:
+    """RPO's extra term (Pang et al. 2024, eq. 2: L_DPO + alpha L_NLL): the negative log-likelihood of the chosen
+    responses as a mean over their tokens, -sum(log pi(y_w)) / sum|y_w| (TRL's "sft" loss term)."""
+    return -chosen_logps.sum() / num_chosen_tokens
+
+
+def preference_loss(kind: str, policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_count,
+                    rejected_count, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0
+                    ) -> torch.Tensor:
+    """The per-pair loss [B] of variant `kind` (sigmoid, robust, ipo, hinge, simpo). ref_* are ignored by simpo."""
+    if kind == "simpo":
+        return simpo_loss(policy_chosen, policy_rejected, chosen_count, rejected_count, beta, gamma)
+    if kind == "ipo":
+        return ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_count, rejected_count, beta)
+    h = dpo_logits(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    if kind == "sigmoid":
+        return dpo_sigmoid_loss(h, beta, label_smoothing)
+    if kind == "robust":
+        return robust_dpo_loss(h, beta, label_smoothing)
+    if kind == "hinge":
+        return hinge_loss(h, beta)
+    raise ValueError(f"unknown preference loss {kind!r}")
+
+
+def implicit_rewards(kind: str, policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_count,
+                     rejected_count, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rewards the policy implies for chosen and rejected [B] each: beta (log pi - log pi_ref) (DPO, eq. 5), or
+    SimPO's length-normalised beta/|y| log pi. A pair is ranked right when the chosen reward is higher."""
+    if kind == "simpo":
+        return beta * policy_chosen / chosen_count.clamp(min=1), beta * policy_rejected / rejected_count.clamp(min=1)
+    return beta * (policy_chosen - ref_chosen), beta * (policy_rejected - ref_rejected)
+
+
+def preference_stats(loss, reward_chosen, reward_rejected, policy_chosen, policy_rejected) -> torch.Tensor:
+    """Sums for the metrics of a batch of pairs: [loss, reward chosen, reward rejected, margin, correct (a tie
+    counts 1/2, so a policy equal to its reference scores exactly 50%), log pi chosen, log pi rejected, pairs]."""
+    margin = reward_chosen - reward_rejected
+    correct = (margin > 0).float() + 0.5 * (margin == 0).float()
+    cols = [loss, reward_chosen, reward_rejected, margin, correct, policy_chosen, policy_rejected]
+    return torch.stack([c.detach().float().sum() for c in cols] + [loss.new_tensor(float(len(loss)))])
+
+
+def summarize_preference_stats(sums: torch.Tensor, split: str) -> dict[str, float]:
+    names = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "accuracy", "logps/chosen",
+             "logps/rejected"]
+    n = max(sums[-1].item(), 1.0)
+    return {f"{name}/{split}": (sums[i] / n).item() for i, name in enumerate(names)}

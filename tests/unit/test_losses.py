@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from align import losses
@@ -133,3 +134,73 @@ def test_length_correlation_penalty_matches_hand_computation():
     rho = cov / 4 / math.sqrt(var_x * var_r)
     assert abs(losses.length_correlation_penalty(rewards, lengths).item() - var_r * rho**2) < 1e-6
     assert losses.length_correlation_penalty(torch.tensor([1.0, 1.0, 1.0]), torch.tensor([1, 5, 9])).item() == 0
+
+
+# ---- DPO and variants -----------------------------------------------------------------------------------------
+
+def _sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_sequence_logprobs_sums_each_sequence_like_a_loop():
+    token_logps = torch.tensor([-1.0, -2.0, -0.5, -0.25, -3.0, -1.5])
+    counts = torch.tensor([2, 1, 3])
+    expected, k = [], 0
+    for c in counts.tolist():
+        expected.append(sum(token_logps[k: k + c].tolist()))
+        k += c
+    assert torch.allclose(losses.sequence_logprobs(token_logps, counts), torch.tensor(expected))
+
+
+def test_dpo_and_conservative_dpo_match_hand_computation():
+    pc, pr, rc, rr = torch.tensor([-10.0]), torch.tensor([-12.0]), torch.tensor([-11.0]), torch.tensor([-11.5])
+    h = (-10 + 11) - (-12 + 11.5)  # 1.5
+    beta, eps = 0.2, 0.1
+    assert losses.dpo_logits(pc, pr, rc, rr).item() == pytest.approx(h)
+    plain = losses.preference_loss("sigmoid", pc, pr, rc, rr, None, None, beta).item()
+    assert plain == pytest.approx(-math.log(_sig(beta * h)), rel=1e-6)
+    smoothed = losses.preference_loss("sigmoid", pc, pr, rc, rr, None, None, beta, eps).item()
+    expected = -(1 - eps) * math.log(_sig(beta * h)) - eps * math.log(_sig(-beta * h))
+    assert smoothed == pytest.approx(expected, rel=1e-6)
+    robust = losses.preference_loss("robust", pc, pr, rc, rr, None, None, beta, eps).item()
+    expected = (-(1 - eps) * math.log(_sig(beta * h)) + eps * math.log(_sig(-beta * h))) / (1 - 2 * eps)
+    assert robust == pytest.approx(expected, rel=1e-6)
+
+
+def test_simpo_matches_hand_computation_and_ignores_the_reference():
+    pc, pr = torch.tensor([-6.0, -2.0]), torch.tensor([-9.0, -1.0])
+    nc, nr = torch.tensor([3, 4]), torch.tensor([3, 1])
+    beta, gamma = 2.0, 0.5
+    expected = [-math.log(_sig(beta * -6 / 3 - beta * -9 / 3 - gamma)),  # margin 2 - 0.5
+                -math.log(_sig(beta * -2 / 4 - beta * -1 / 1 - gamma))]  # margin 1 - 0.5
+    got = losses.preference_loss("simpo", pc, pr, None, None, nc, nr, beta, gamma=gamma)
+    assert torch.allclose(got, torch.tensor(expected))
+    rewards = losses.implicit_rewards("simpo", pc, pr, None, None, nc, nr, beta)
+    assert torch.allclose(rewards[0], torch.tensor([-4.0, -1.0]))
+    assert torch.allclose(rewards[1], torch.tensor([-6.0, -2.0]))
+
+
+def test_rpo_nll_term_is_a_token_mean_over_chosen_responses():
+    chosen_sums = torch.tensor([-6.0, -2.0])  # 3 and 1 tokens
+    assert losses.nll_loss(chosen_sums, torch.tensor(4)).item() == pytest.approx(8 / 4)
+    # split over two micro-batches with the global count, the parts add up to the whole
+    parts = losses.nll_loss(chosen_sums[:1], 4) + losses.nll_loss(chosen_sums[1:], 4)
+    assert parts.item() == pytest.approx(2.0)
+
+
+def test_ipo_averages_log_ratios_over_tokens():
+    pc, pr, rc, rr = torch.tensor([-8.0]), torch.tensor([-9.0]), torch.tensor([-10.0]), torch.tensor([-8.0])
+    nc, nr = torch.tensor([4]), torch.tensor([2])
+    tau = 0.5
+    h = (-8 + 10) / 4 - (-9 + 8) / 2  # 1.0
+    got = losses.preference_loss("ipo", pc, pr, rc, rr, nc, nr, tau).item()
+    assert got == pytest.approx((h - 1 / (2 * tau)) ** 2)  # exactly at its target: 0
+    assert losses.preference_loss("hinge", pc, pr, rc, rr, nc, nr, 0.25).item() == pytest.approx(max(0, 1 - 0.25 * 3))
+
+
+def test_preference_stats_count_a_tie_as_half():
+    loss = torch.tensor([0.7, 0.7, 0.7])
+    rc, rr = torch.tensor([1.0, 0.0, -1.0]), torch.tensor([0.0, 0.0, 1.0])
+    s = losses.summarize_preference_stats(losses.preference_stats(loss, rc, rr, rc, rr), "val")
+    assert s["accuracy/val"] == pytest.approx((1 + 0.5 + 0) / 3)
+    assert s["rewards/margin/val"] == pytest.approx((1 + 0 - 2) / 3)
