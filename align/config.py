@@ -353,8 +353,117 @@ class RMConfig:
         check_run(self)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# DPO and variants
+
+
+@dataclass
+class DPODataConfig:
+    train: DataSource = field(default_factory=DataSource)
+    """Preference pairs or rankings (see align/formats.py for the formats)."""
+    validation: Optional[DataSource] = None
+    """Validation data from its own file; or use validation_fraction."""
+    validation_fraction: float = 0.0
+    """Hold out this fraction of the training examples (a seeded shuffle) as validation data."""
+    rankings: str = "all_pairs"
+    """How a ranking of K responses becomes pairs: all_pairs (every pair with distinct ranks) or best_worst."""
+    max_length: int = 1024
+    """Longest prompt + response, in tokens."""
+    truncation: str = "left"
+    """left (cut the oldest prompt tokens, alike for chosen and rejected, then a too-long response's end), right
+    (keep the first max_length tokens), drop, or error."""
+    template: str = "auto"
+    """chat (the tokenizer's chat template), plain ("Human: ... Assistant:" text), or auto (chat when the tokenizer
+    has a template)."""
+    padding_free: bool = True
+    """Pack chosen and rejected of a micro-batch into one row with per-sequence positions (exact)."""
+
+    def _check(self, at: str) -> None:
+        if self.validation is not None and self.validation_fraction > 0:
+            raise ConfigError(f"{at}.validation and {at}.validation_fraction are both set; choose one")
+        if not 0 <= self.validation_fraction < 1:
+            raise ConfigError(f"{at}.validation_fraction: must be in [0, 1); got {self.validation_fraction}")
+        one_of(f"{at}.rankings", self.rankings, ("all_pairs", "best_worst"))
+        positive(f"{at}.max_length", self.max_length)
+        one_of(f"{at}.truncation", self.truncation, ("left", "right", "drop", "error"))
+        one_of(f"{at}.template", self.template, ("auto", "chat", "plain"))
+
+
+DPO_LOSSES = ("sigmoid", "robust", "ipo", "hinge", "simpo")
+
+
+@dataclass
+class DPOLossConfig:
+    type: str = "sigmoid"
+    """sigmoid (DPO; with label_smoothing, conservative DPO), robust (rDPO), ipo, hinge (SLiC), simpo
+    (reference-free, length-normalised). Equations in align/losses.py."""
+    beta: float = 0.1
+    """Inverse temperature: the strength of the pull toward the reference (IPO's tau; SimPO's reward scale,
+    typically 2-10 there)."""
+    label_smoothing: float = 0.0
+    """Assumed probability that a preference label is flipped: conservative DPO (sigmoid) or robust DPO's epsilon
+    (robust, must be > 0)."""
+    simpo_gamma: float = 0.5
+    """SimPO's target reward margin gamma."""
+    rpo_alpha: float = 0.0
+    """Weight of an NLL term on the chosen responses (RPO, Pang et al. 2024; 0 disables)."""
+
+    def _check(self, at: str) -> None:
+        one_of(f"{at}.type", self.type, DPO_LOSSES)
+        positive(f"{at}.beta", self.beta)
+        positive(f"{at}.rpo_alpha", self.rpo_alpha, allow_zero=True)
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"{at}.label_smoothing: must be in [0, 0.5); got {self.label_smoothing}")
+        if self.label_smoothing and self.type not in ("sigmoid", "robust"):
+            raise ConfigError(f"{at}.label_smoothing applies to type sigmoid or robust, not {self.type}")
+        if self.type == "robust" and not self.label_smoothing:
+            raise ConfigError(f"{at}.type=robust needs {at}.label_smoothing > 0 (the label-noise rate)")
+
+
+@dataclass
+class DPOConfig:
+    """Direct preference optimisation and variants: `python -m align.dpo RECIPE.yaml [key=value ...]`."""
+
+    output_dir: str = MISSING
+    """Run folder: config, metrics, checkpoints, the final policy."""
+    resume: bool = False
+    """Continue from the newest checkpoint in output_dir."""
+    overwrite: bool = False
+    """Delete an existing output_dir first."""
+    seed: int = 42
+    """Seed for data order and initialisation."""
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(disable_dropout=True))
+    """The policy to train, usually an SFT model (dropout off by default: policy and reference must agree)."""
+    reference: Optional[ModelConfig] = None
+    """The reference model. Default: the policy's initial weights (its base with adapters disabled under LoRA; a
+    frozen copy otherwise). Not used by SimPO."""
+    reference_cache: bool = True
+    """Cache reference log-probabilities on disk (ALIGN_CACHE/ref_logps), keyed by the reference weights, the
+    token ids (data, template, truncation), precision and reference_batch_size; a later run reuses them."""
+    reference_batch_size: int = 8
+    """Pairs per reference (and validation) forward."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Adapters (off: full fine-tuning)."""
+    data: DPODataConfig = field(default_factory=DPODataConfig)
+    """Data, template, truncation and batching."""
+    loss: DPOLossConfig = field(default_factory=DPOLossConfig)
+    """The preference loss."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation; batch sizes count pairs."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Metrics and progress."""
+    save_merged: bool = True
+    """With LoRA, also write the merged model (base + adapters) to output_dir/merged."""
+
+    def _check(self, at: str) -> None:
+        check_run(self)
+        positive("reference_batch_size", self.reference_batch_size)
+        if self.loss.type == "simpo" and self.reference is not None:
+            raise ConfigError("reference: SimPO (loss.type=simpo) is reference-free; remove the reference section")
+
+
 # Stage name -> config class. A recipe file named `<stage>*.yaml` is validated against its stage's class.
-STAGES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig}
+STAGES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig}
 
 
 # --------------------------------------------------------------------------------------------------------------

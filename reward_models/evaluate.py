@@ -1,6 +1,9 @@
 """Evaluate a reward model on preference pairs or rankings, honestly.
 
     python -m reward_models.evaluate --model runs/rm/model --data FILE [--report DIR]
+    python -m reward_models.evaluate --policy runs/dpo/model [--reference DIR] --data FILE
+
+A DPO policy is scored by its implicit reward beta (log pi - log pi_ref) (reward_models/implicit.py).
 
 Reports pairwise accuracy with a 95% interval (bootstrap over prompts), for rankings also accuracy over all pairs,
 Kendall's tau and top-1; calibration (expected calibration error of sigmoid(r_chosen - r_rejected)) with a
@@ -70,7 +73,13 @@ def print_summary(summary: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m reward_models.evaluate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="reward model folder")
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="reward model folder (any one-output sequence-classification model)")
+    which.add_argument("--policy", help="DPO policy folder (adapter or full model): scores its implicit reward")
+    ap.add_argument("--reference", default=None, help="with --policy: the reference model folder (default: an "
+                    "adapter's base with adapters disabled, or the reference recorded in align_dpo.json)")
+    ap.add_argument("--beta", type=float, default=None, help="with --policy: beta (default: align_dpo.json's, "
+                    "else 0.1)")
     ap.add_argument("--data", required=True, help="preference pairs or rankings (any format align reads)")
     ap.add_argument("--report", default=None, help="folder for summary.json and reliability.png")
     ap.add_argument("--format", default="auto")
@@ -87,11 +96,22 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     if skipped:
         print(f"skipped {sum(skipped.values())} invalid records: {skipped}")
-    scorer = RewardScorer(args.model, device=args.device, max_length=args.max_length)
+    if args.policy:
+        from reward_models.implicit import ImplicitRewardScorer
+
+        try:
+            scorer = ImplicitRewardScorer(args.policy, args.reference, args.beta, args.device, args.max_length)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+    else:
+        scorer = RewardScorer(args.model, device=args.device, max_length=args.max_length)
     summary = report(rankings, score_groups(scorer, rankings), categories, args.report)
     print_summary(summary)
     line = {k: v for k, v in summary.items() if k != "calibration"}
-    line.update(model=args.model, data=args.data)
+    line.update(model=args.model or args.policy, data=args.data)
+    if args.policy:
+        line["implicit_reward"] = scorer.description
     print(json.dumps(line))
 
 

@@ -1,0 +1,287 @@
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from align import data, dpo, formats, losses
+from align.config import ConfigError, DPOConfig, load_config
+from align.formats import DataError, PreferenceExample
+
+from helpers import ROOT, TINY, tiny_causal_lm
+
+TINY_DPO = "recipes/tiny/dpo.yaml"
+ROWS = [
+    {"prompt": [{"role": "user", "content": "How do I bake bread?"}],
+     "chosen": [{"role": "assistant", "content": "Mix flour, water, yeast and salt; knead, let it rise, bake."}],
+     "rejected": [{"role": "assistant", "content": "No idea."}]},
+    {"prompt": [{"role": "user", "content": "Hi there"}],
+     "chosen": [{"role": "assistant", "content": "Hello! How can I help?"}],
+     "rejected": [{"role": "assistant", "content": "What do you want?"}]},
+    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}],
+     "chosen": [{"role": "assistant", "content": "Paris."}],
+     "rejected": [{"role": "assistant", "content": "It is Lyon, I think, but maybe not."}]},
+]
+
+
+def run(tmp_path, name, *overrides, recipe=TINY_DPO):
+    cfg = load_config(DPOConfig, recipe, [f"output_dir={tmp_path / name}", "log.progress=false", *overrides])
+    return cfg, dpo.main(cfg)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def polite_vs_rude(n=48):
+    polite = ["Sure, happy to help with that.", "Of course, here is what I know.", "Certainly, let me explain."]
+    rude = ["No. Figure it out yourself.", "Go away, stupid question.", "Not my problem, idiot."]
+    return [{"prompt": f"Question number {i}: can you help me?", "chosen": polite[i % 3], "rejected": rude[i % 3]}
+            for i in range(n)]
+
+
+# ---- against TRL's DPOTrainer ---------------------------------------------------------------------------------
+
+TRL_CASES = {  # ours (loss.type, label_smoothing, rpo_alpha) -> TRL (loss_type, loss_weights, label_smoothing)
+    "sigmoid": (("sigmoid", 0.0, 0.0), (["sigmoid"], None, 0.0)),
+    "hinge": (("hinge", 0.0, 0.0), (["hinge"], None, 0.0)),
+    "ipo": (("ipo", 0.0, 0.0), (["ipo"], None, 0.0)),
+    "robust": (("robust", 0.2, 0.0), (["robust"], None, 0.2)),
+    "rpo": (("sigmoid", 0.0, 0.7), (["sigmoid", "sft"], [1.0, 0.7], 0.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(TRL_CASES))
+def test_loss_and_gradients_equal_trl_dpo_trainer(tmp_path, tiny_tokenizer, case):
+    """TRL's DPOTrainer (written by others) on the same tiny model, reference and batch: the same token ids, the
+    same loss and the same gradient on every parameter, within 1e-5."""
+    from datasets import Dataset
+    from trl import DPOConfig as TRLConfig
+    from trl import DPOTrainer
+
+    (kind, smoothing, alpha), (trl_types, trl_weights, trl_smoothing) = TRL_CASES[case]
+    beta = 0.5
+    policy = tiny_causal_lm(init_std=0.1, seed=3)
+    reference = tiny_causal_lm(init_std=0.1, seed=4)  # a different reference, so h != 0 and gradients are rich
+    args = TRLConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=3, report_to="none", use_cpu=True,
+                     bf16=False, loss_type=trl_types, loss_weights=trl_weights, label_smoothing=trl_smoothing,
+                     beta=beta, max_length=None, disable_dropout=True)
+    trainer = DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
+                         train_dataset=Dataset.from_list(ROWS), processing_class=tiny_tokenizer)
+    features = [trainer.train_dataset[i] for i in range(len(ROWS))]
+    trainer.model.train()
+    trl_loss = trainer.compute_loss(trainer.model, trainer.data_collator(features))
+    trl_loss.backward()
+
+    examples = [PreferenceExample(r["prompt"], r["chosen"], r["rejected"]) for r in ROWS]
+    pairs, _ = data.tokenize_pairs(examples, tiny_tokenizer, "chat", 1024)
+    for pair, f in zip(pairs, features):
+        assert pair.chosen.input_ids == f["prompt_ids"] + f["chosen_ids"]
+        assert pair.rejected.input_ids == f["prompt_ids"] + f["rejected_ids"]
+        assert pair.chosen.num_targets == len(f["chosen_ids"])
+    ours = copy.deepcopy(policy).train()
+    pc, pr, nc, nr = dpo.pair_logps(ours, pairs, True, 0, "cpu")
+    with torch.no_grad():
+        rc, rr, _, _ = dpo.pair_logps(reference, pairs, True, 0, "cpu")
+    loss = losses.preference_loss(kind, pc, pr, rc, rr, nc, nr, beta, smoothing).mean()
+    if alpha:
+        loss = loss + alpha * losses.nll_loss(pc, nc.sum())
+    loss.backward()
+
+    assert loss.item() == pytest.approx(trl_loss.item(), abs=1e-5)
+    theirs = dict(trainer.model.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, theirs[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert any(p.grad.abs().sum() > 0 for p in ours.parameters())
+
+
+# ---- LoRA reference -------------------------------------------------------------------------------------------
+
+def test_lora_with_adapters_disabled_gives_exactly_the_base_log_probs(tiny_tokenizer):
+    from align.config import LoraConfig
+    from align.models import add_lora
+
+    base = tiny_causal_lm(init_std=0.1, seed=5)
+    policy = add_lora(copy.deepcopy(base), LoraConfig(enabled=True, r=4), "CAUSAL_LM", seed=0)
+    with torch.no_grad():  # trained-looking adapters: B != 0, so the adapters do change the outputs
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    pairs, _ = data.tokenize_pairs([PreferenceExample(r["prompt"], r["chosen"], r["rejected"]) for r in ROWS],
+                                   tiny_tokenizer, "chat", 1024)
+    with torch.no_grad():
+        expected = dpo.pair_logps(base, pairs, True, 0, "cpu")
+        adapted = dpo.pair_logps(policy, pairs, True, 0, "cpu")
+        with policy.disable_adapter():
+            disabled = dpo.pair_logps(policy, pairs, True, 0, "cpu")
+    assert not torch.allclose(adapted[0], expected[0])
+    assert torch.equal(disabled[0], expected[0]) and torch.equal(disabled[1], expected[1])
+
+
+# ---- the recipe -----------------------------------------------------------------------------------------------
+
+def test_short_run_learns_its_training_preferences(tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", polite_vs_rude())
+    _, report = run(tmp_path, "learn", f"data.train.path={path}", f"data.validation.path={path}",
+                    "data.validation_fraction=0", "train.epochs=6", "train.learning_rate=3e-3", "loss.beta=0.5",
+                    "data.train.skip_invalid=false")
+    assert report["val_accuracy_before"] == 0.5  # policy == reference: every margin is exactly 0 (a tie)
+    assert report["val_margin_before"] == 0.0
+    assert report["val_accuracy"] >= 0.9
+    assert report["val_margin"] > 0
+
+
+def test_reference_cache_is_reused_across_runs_and_missed_when_tokens_change(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    _, first = run(tmp_path, "a", "train.max_steps=3")
+    assert first["reference"]["forwards"] > 0 and first["reference"]["cache"]["train"].startswith("miss")
+    losses_a = [json.loads(x)["loss/train"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+                if "loss/train" in x]
+
+    def no_reference_forward(*args, **kwargs):
+        raise AssertionError("the reference forward ran although its log-probs are cached")
+
+    with monkeypatch.context() as m:
+        m.setattr(dpo, "_compute_reference", no_reference_forward)
+        _, second = run(tmp_path, "b", "train.max_steps=3")
+    assert second["reference"]["forwards"] == 0 and second["reference"]["cache"]["train"].startswith("hit")
+    losses_b = [json.loads(x)["loss/train"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+                if "loss/train" in x]
+    assert losses_b == losses_a
+
+    _, other_beta = run(tmp_path, "c", "train.max_steps=1", "loss.beta=0.3", "loss.type=hinge")
+    assert other_beta["reference"]["forwards"] == 0
+    _, truncated = run(tmp_path, "d", "train.max_steps=1", "data.truncation=right")
+    assert truncated["reference"]["cache"]["train"].startswith("miss")
+    _, plain = run(tmp_path, "e", "train.max_steps=1", "data.template=plain")
+    assert plain["reference"]["cache"]["train"].startswith("miss")
+
+
+def test_simpo_needs_no_reference_and_trains(tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", polite_vs_rude(24))
+    _, report = run(tmp_path, "simpo", f"data.train.path={path}", "data.validation_fraction=0.25",
+                    "loss.type=simpo", "loss.beta=2.0", "loss.simpo_gamma=0.5", "train.max_steps=2",
+                    "data.train.skip_invalid=false")
+    assert report["reference"] == {"used": False}
+    assert 0 <= report["val_accuracy"] <= 1
+
+
+def test_rankings_become_pairs(tmp_path):
+    rows = [{"prompt": "Pick a color", "responses": ["Blue", "Green", "Red", "Beige"], "ranks": [0, 1, 1, 2]}]
+    examples = formats.convert_records([formats.Record(r, formats.Origin("x.jsonl", 1)) for r in rows], "ranking",
+                                       "preference")
+    every = formats.ranking_pairs(examples, "all_pairs")
+    assert len(every) == 5  # C(4, 2) = 6 pairs minus the tie Green = Red
+    assert {(p.chosen[0]["content"], p.rejected[0]["content"]) for p in every} == {
+        ("Blue", "Green"), ("Blue", "Red"), ("Blue", "Beige"), ("Green", "Beige"), ("Red", "Beige")}
+    extremes = formats.ranking_pairs(examples, "best_worst")
+    assert [(p.chosen[0]["content"], p.rejected[0]["content"]) for p in extremes] == [("Blue", "Beige")]
+
+
+# ---- bad input ------------------------------------------------------------------------------------------------
+
+def test_identical_pair_is_reported_with_its_line_and_counted_when_skipped(tmp_path):
+    rows = polite_vs_rude(16)
+    rows[3] = {"prompt": "Same?", "chosen": "Yes.", "rejected": "Yes."}
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    with pytest.raises(DataError, match=r"pairs.jsonl:4.*identical"):
+        run(tmp_path, "strict", f"data.train.path={path}", "data.train.skip_invalid=false", "train.max_steps=1")
+    assert not (tmp_path / "strict").exists()  # bad input leaves no run folder
+    _, report = run(tmp_path, "lenient", f"data.train.path={path}", "data.train.skip_invalid=true",
+                    "train.max_steps=1", "data.validation_fraction=0")
+    assert report["data"]["skipped_records"] == {"chosen and rejected are identical": 1}
+
+
+def test_empty_response_is_an_error_naming_file_line_and_field(tmp_path):
+    rows = polite_vs_rude(8)
+    rows[5]["rejected"] = "   "
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    with pytest.raises(DataError, match=r"pairs.jsonl:6.*'rejected'.*empty"):
+        run(tmp_path, "empty", f"data.train.path={path}", "data.train.skip_invalid=false")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loss.type=robust"], "label_smoothing > 0"),
+    (["loss.type=ipo", "loss.label_smoothing=0.1"], "label_smoothing applies"),
+    (["loss.type=simpo", f"reference.name_or_path={TINY}"], "reference-free"),
+    (["loss.kind=sigmoid"], "kind"),
+])
+def test_config_errors_name_the_key(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(DPOConfig, TINY_DPO, [f"output_dir={tmp_path}", *overrides])
+
+
+# ---- a DPO policy as a reward model ---------------------------------------------------------------------------
+
+def test_evaluate_policy_scores_the_implicit_reward_like_training(tmp_path, tiny_pretrained):
+    """reward_models.evaluate --policy on a LoRA adapter folder (reference: its base, adapters disabled) gives
+    the held-out accuracy the run itself reported, on the same pairs."""
+    path = write_jsonl(tmp_path / "pairs.jsonl", polite_vs_rude(32))
+    _, report = run(tmp_path, "lora", f"model.name_or_path={tiny_pretrained}", "model.init=pretrained",
+                    "lora.enabled=true", "lora.r=4", f"data.train.path={path}", f"data.validation.path={path}",
+                    "data.validation_fraction=0", "train.max_steps=3", "train.learning_rate=1e-2",
+                    "data.train.skip_invalid=false")
+    out = subprocess.run([sys.executable, "-m", "reward_models.evaluate", "--policy", str(tmp_path / "lora" / "model"),
+                          "--data", str(path)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["n"] == 32
+    assert summary["accuracy"] == pytest.approx(report["val_accuracy"], abs=1e-9)
+    assert 0 <= summary["ci95"][0] <= summary["accuracy"] <= summary["ci95"][1] <= 1
+
+
+# ---- resume and processes -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cache", ["on", "off"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, cache):
+    """A crash after step 3 of 6: resuming from the step-2 checkpoint gives the same losses and final weights. With
+    the cache off the reference is recomputed from the policy before the checkpoint is loaded into it."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    common = ["train.max_steps=6", "train.save_every=2", "train.keep_checkpoints=5", "log.every=1",
+              f"reference_cache={'true' if cache == 'on' else 'false'}", "overwrite=false"]
+    run(tmp_path, "whole", *common)
+    crashed = tmp_path / "crashed"
+    shutil.copytree(tmp_path / "whole", crashed)
+    for leftover in ("checkpoints/step-000004", "checkpoints/step-000006", "model"):
+        shutil.rmtree(crashed / leftover, ignore_errors=True)
+    (crashed / "report.json").unlink()
+    run(tmp_path, "crashed", *common, "resume=true")
+
+    a, b = (load_file(d / "model" / "model.safetensors") for d in (tmp_path / "whole", crashed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def rows(folder):
+        logged = map(json.loads, open(folder / "metrics.jsonl"))
+        return [(r["step"], r["loss/train"], r["accuracy/train"]) for r in logged if "loss/train" in r]
+
+    assert rows(crashed) == rows(tmp_path / "whole") and len(rows(crashed)) == 6
+
+
+@pytest.mark.slow
+def test_two_processes_under_accelerate_launch_match_one_process(tmp_path):
+    """The reference pass splits its chunks over processes and gathers them; training splits each batch."""
+    import os
+
+    overrides = ["log.every=1", "train.max_steps=3", "log.progress=false", "reference_cache=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = [sys.executable, "-m", "align.dpo", TINY_DPO, f"output_dir={tmp_path / 'one'}", *overrides]
+    double = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "-m", "align.dpo", TINY_DPO, f"output_dir={tmp_path / 'two'}", *overrides]
+    for cmd in (single, double):
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes" in done.stdout
+    rows = lambda d: [json.loads(line) for line in open(tmp_path / d / "metrics.jsonl")]  # noqa: E731
+    pick = lambda rs, k: [r[k] for r in rs if k in r]  # noqa: E731
+    one, two = rows("one"), rows("two")
+    assert len(pick(one, "loss/train")) == 3
+    for key in ("loss/train", "accuracy/train", "loss/val", "accuracy/val", "rewards/margin/val"):
+        assert pick(one, key) == pytest.approx(pick(two, key), abs=1e-5), key
