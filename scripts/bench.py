@@ -1,6 +1,7 @@
 """Benchmarks: align against TRL on the same model, data, batches and machine, in one run.
 
     python scripts/bench.py sft [--steps 30] [--rounds 2] [--out bench]
+    python scripts/bench.py rm | dpo
     python scripts/bench.py all
 
 Each stage's benchmark runs both sides in turn, interleaved over `--rounds` (align, TRL, align, TRL...; two
@@ -389,6 +390,144 @@ def bench_rm(args, peak: float) -> dict:
     }
 
 
+# --------------------------------------------------------------------------------------------------------------
+# DPO
+
+
+def _dpo_records(tokenizer, count: int, max_length: int) -> list[dict]:
+    """HH-RLHF pairs whose longer sequence fits max_length under the chat template (neither side truncates)."""
+    from align import data, formats
+
+    records = formats.read_records(str(ROOT / "data" / "hh_harmless.jsonl"))
+    chosen = []
+    for record in records:
+        try:
+            (example,) = formats.convert_records([record], "hh", "preference")
+        except formats.DataError:
+            continue
+        seqs = [data.tokenize_response(tokenizer, example.prompt, response, "chat")
+                for response in (example.chosen, example.rejected)]
+        if max(map(len, seqs)) <= max_length and seqs[0].input_ids != seqs[1].input_ids:
+            chosen.append({"record": record.data, "example": example})
+        if len(chosen) == count:
+            break
+    return chosen
+
+
+def _run_align_dpo(model_dir: Path, data_file: Path, out: Path, steps: int, batch: int, lr: float,
+                   cache: Path) -> dict:
+    from align import dpo
+    from align.config import DPOConfig, load_config
+
+    reset_accelerate()
+    os.environ["ALIGN_CACHE"] = str(cache)
+    cfg = load_config(DPOConfig, None, [
+        f"output_dir={out}", "overwrite=true", f"model.name_or_path={model_dir}", f"data.train.path={data_file}",
+        "data.max_length=100000", f"train.batch_size={batch}", f"train.micro_batch_size={batch}",
+        f"reference_batch_size={batch}", f"train.max_steps={steps}", f"train.learning_rate={lr}",
+        "train.scheduler=constant", "train.precision=fp32", "loss.beta=0.1", "log.every=1", "log.report_to=[]",
+        "log.progress=false", "save_merged=false",
+    ])
+    report = dpo.main(cfg)
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl") if "loss/train" in line]
+    return {"step_s": [r["perf/step_s"] for r in rows], "loss": [r["loss/train"] for r in rows],
+            "reference_s": report["reference"]["seconds"], "reference_forwards": report["reference"]["forwards"]}
+
+
+def _run_trl_dpo(model_dir: Path, examples: list, out: Path, steps: int, batch: int, lr: float) -> dict:
+    """TRL's DPOTrainer as its users run it: a frozen reference copy evaluated every step (TRL's default)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig as TRLDPOConfig
+    from trl import DPOTrainer
+
+    reset_accelerate()
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.marks = []
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.marks.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            self.marks.append(time.perf_counter())
+
+    dataset = Dataset.from_list([{"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected} for e in examples])
+    args = TRLDPOConfig(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
+        learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        bf16=False, fp16=False, gradient_checkpointing=False, max_length=None, use_cpu=True, beta=0.1,
+        loss_type=["sigmoid"], train_sampling_strategy="sequential", logging_steps=1, report_to="none",
+        save_strategy="no", dataloader_num_workers=0, seed=0, disable_tqdm=True, disable_dropout=True,
+    )
+    load = lambda: AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,  # noqa: E731
+                                                         attn_implementation="sdpa")
+    clock = StepClock()
+    trainer = DPOTrainer(model=load(), ref_model=load(), args=args, train_dataset=dataset,
+                         processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[clock])
+    trainer.train()
+    step_s = [b - a for a, b in zip(clock.marks, clock.marks[1:])]
+    return {"step_s": step_s, "loss": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
+
+
+def bench_dpo(args, peak: float) -> dict:
+    from align import data, models
+    from align.config import ModelConfig
+
+    tokenizer = models.load_tokenizer(ModelConfig(name_or_path=SMOLLM2))
+    work = Path(tempfile.mkdtemp(prefix="align-bench-dpo-"))
+    n_matmul, n_total = bench_model(work / "model", tokenizer)
+    batch, steps, lr = args.batch, args.steps, 1e-4
+    picked = _dpo_records(tokenizer, batch * steps, args.max_length)
+    if len(picked) < batch * steps:
+        raise SystemExit(f"only {len(picked)} pairs fit max_length={args.max_length}; lower --steps")
+    data_file = work / "pairs.jsonl"
+    data_file.write_text("".join(json.dumps(p["record"]) + "\n" for p in picked))
+    sampler = data.StepSampler(len(picked), batch, seed=42)  # align.dpo's default seed: TRL gets this order
+    ordered = [picked[i]["example"] for step in range(steps) for i in sampler.indices(step)]
+    pairs, _ = data.tokenize_pairs([p["example"] for p in picked], tokenizer, "chat", args.max_length)
+    tokens_per_step = [sum(pairs[i].num_tokens for i in sampler.indices(step)) for step in range(steps)]
+
+    runs = {"align": [], "align_cached": [], "trl": []}
+    for r in range(args.rounds):
+        cache = work / f"cache-{r}"  # empty: the first align run is cold, the second finds the cache warm
+        for side in ("align", "align_cached", "trl"):
+            print(f"[bench] dpo round {r + 1}/{args.rounds}: {side}", flush=True)
+            if side == "trl":
+                res = _run_trl_dpo(work / "model", ordered, work / f"trl-{r}", steps, batch, lr)
+            else:
+                res = _run_align_dpo(work / "model", data_file, work / f"{side}-{r}", steps, batch, lr, cache)
+                assert (res["reference_forwards"] == 0) == (side == "align_cached"), res
+            skip = min(2, steps - 1)  # the first steps warm up allocators and kernels
+            # align's reference pass over all pairs, charged in proportion to the timed steps
+            seconds = sum(res["step_s"][skip:]) + res.get("reference_s", 0.0) * (steps - skip) / steps
+            runs[side].append({"items_per_s": batch * (steps - skip) / seconds,
+                               "tokens_per_s": sum(tokens_per_step[skip:]) / seconds,
+                               "loss_first": res["loss"][0], "loss_last": res["loss"][-1],
+                               "reference_s": res.get("reference_s")})
+
+    def summary(side: str) -> dict:
+        items = statistics.median(x["items_per_s"] for x in runs[side])
+        tok_s = statistics.median(x["tokens_per_s"] for x in runs[side])
+        # MFU counts the trained tokens' 6N; the reference forward (2N more per token) is extra work on both
+        # sides in the cold runs, so this understates the hardware use there.
+        return {"items_per_s": items, "tokens_per_s": tok_s, "mfu": mfu(tok_s, n_matmul, peak),
+                "loss_first": runs[side][0]["loss_first"], "loss_last": runs[side][0]["loss_last"],
+                "rounds": [x["items_per_s"] for x in runs[side]], "reference_s": runs[side][0]["reference_s"]}
+
+    ours, cached, theirs = summary("align"), summary("align_cached"), summary("trl")
+    return {
+        "stage": "dpo", "ratio": ours["items_per_s"] / theirs["items_per_s"], "unit": "pairs/s",
+        "cached_ratio": cached["items_per_s"] / theirs["items_per_s"],
+        "align": ours, "align_cached": cached, "trl": theirs, "peak_gflops": peak,
+        "model": {"params": n_total, "matmul_params": n_matmul, "layers": 8, "hidden": 256, "vocab": len(tokenizer)},
+        "work": {"steps": steps, "batch_pairs": batch, "tokens": sum(tokens_per_step), "max_length": args.max_length,
+                 "loss": "sigmoid, beta 0.1", "data": "data/hh_harmless.jsonl (chat template, no truncation)",
+                 "rounds": args.rounds},
+    }
+
+
 def print_table(result: dict) -> None:
     a, t = result["align"], result["trl"]
     unit = result.get("unit", "tokens/s")
@@ -396,11 +535,15 @@ def print_table(result: dict) -> None:
     print(f"\n{result['stage']}: matmul peak {result['peak_gflops']:.0f} GFLOP/s, "
           f"model {result['model']['params'] / 1e6:.1f}M parameters")
     print(f"{'side':<8}{unit:>12}{'MFU':>8}{'loss first':>12}{'loss last':>11}   rounds")
-    for name, side in (("align", a), ("trl", t)):
+    sides = [("align", a)] + ([("align*", result["align_cached"])] if "align_cached" in result else []) + [("trl", t)]
+    for name, side in sides:
         rounds = ", ".join(f"{x:.0f}" for x in side["rounds"])
         print(f"{name:<8}{side[key]:>12.1f}{side['mfu'] * 100:>7.1f}%{side['loss_first']:>12.4f}"
               f"{side['loss_last']:>11.4f}   {rounds}")
     print(f"ratio align/trl: {result['ratio']:.2f}x")
+    if "cached_ratio" in result:
+        print(f"align* (reference log-probs from the warm cache)/trl: {result['cached_ratio']:.2f}x; the cold align "
+              f"run spent {a['reference_s']:.1f} s on its one reference pass")
     if "kwise" in result:
         k = result["kwise"]
         print(f"K-wise on {k['groups']} OpenAssistant groups: {k['sequences']['kwise']} forwards one-pass vs "
@@ -409,7 +552,7 @@ def print_table(result: dict) -> None:
               f"{k['pairs_loss']:.6f}")
 
 
-BENCHES = {"sft": bench_sft, "rm": bench_rm}
+BENCHES = {"sft": bench_sft, "rm": bench_rm, "dpo": bench_dpo}
 
 
 def main() -> None:
@@ -444,8 +587,8 @@ def main() -> None:
 def headline(result: dict) -> dict:
     """The result's scalars plus each side's throughput and last loss: the benchmark's one-line summary."""
     line = {k: v for k, v in result.items() if not isinstance(v, dict)}
-    for side in ("align", "trl"):
-        for key, value in result[side].items():
+    for side in ("align", "align_cached", "trl"):
+        for key, value in result.get(side, {}).items():
             if key in ("tokens_per_s", "items_per_s", "loss_last", "mfu"):
                 line[f"{side}_{key}"] = value
     return line
