@@ -121,6 +121,17 @@ def test_lora_with_adapters_disabled_gives_exactly_the_base_log_probs(tiny_token
     assert torch.equal(disabled[0], expected[0]) and torch.equal(disabled[1], expected[1])
 
 
+def test_padded_and_packed_batches_give_the_same_log_probs(tiny_tokenizer):
+    model = tiny_causal_lm(init_std=0.1, seed=6)
+    pairs, _ = data.tokenize_pairs([PreferenceExample(r["prompt"], r["chosen"], r["rejected"]) for r in ROWS],
+                                   tiny_tokenizer, "chat", 1024)
+    with torch.no_grad():
+        packed = dpo.pair_logps(model, pairs, True, 0, "cpu")
+        padded = dpo.pair_logps(model, pairs, False, 0, "cpu")
+    for a, b in zip(packed, padded):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
 # ---- the recipe -----------------------------------------------------------------------------------------------
 
 def test_short_run_learns_its_training_preferences(tmp_path):
@@ -158,6 +169,22 @@ def test_reference_cache_is_reused_across_runs_and_missed_when_tokens_change(tmp
     assert truncated["reference"]["cache"]["train"].startswith("miss")
     _, plain = run(tmp_path, "e", "train.max_steps=1", "data.template=plain")
     assert plain["reference"]["cache"]["train"].startswith("miss")
+
+
+def test_a_named_reference_is_used_and_shares_the_cache_when_its_weights_are_the_policys(tmp_path, monkeypatch,
+                                                                                       tiny_pretrained):
+    from helpers import tiny_causal_lm as build
+
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    policy = [f"model.name_or_path={tiny_pretrained}", "model.init=pretrained", "train.max_steps=1"]
+    _, default = run(tmp_path, "default", *policy)
+    _, same = run(tmp_path, "same", *policy, f"reference.name_or_path={tiny_pretrained}")
+    assert same["reference"]["forwards"] == 0  # identical weights and tokens: the same cache entry
+    other = tmp_path / "other-reference"
+    build(init_std=0.1, seed=11).save_pretrained(other)
+    _, different = run(tmp_path, "different", *policy, f"reference.name_or_path={other}")
+    assert different["reference"]["forwards"] > 0
+    assert default["val_margin_before"] == 0.0 and different["val_margin_before"] != 0.0
 
 
 def test_simpo_needs_no_reference_and_trains(tmp_path):
