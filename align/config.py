@@ -194,6 +194,14 @@ class LogConfig:
             one_of(f"{at}.report_to", target, ("tensorboard", "wandb"))
 
 
+def check_validation_split(at: str, data_cfg) -> None:
+    """A stage's data section: validation from a file or a fraction of the training data, not both."""
+    if data_cfg.validation is not None and data_cfg.validation_fraction > 0:
+        raise ConfigError(f"{at}.validation and {at}.validation_fraction are both set; choose one")
+    if not 0 <= data_cfg.validation_fraction < 1:
+        raise ConfigError(f"{at}.validation_fraction: must be in [0, 1); got {data_cfg.validation_fraction}")
+
+
 def check_run(cfg) -> None:
     """Rules every stage config shares (output_dir/resume/overwrite at the top, model and lora sections)."""
     if cfg.resume and cfg.overwrite:
@@ -228,10 +236,7 @@ class SFTDataConfig:
     """A system message put before conversations that have none (else the tokenizer template's default)."""
 
     def _check(self, at: str) -> None:
-        if self.validation is not None and self.validation_fraction > 0:
-            raise ConfigError(f"{at}.validation and {at}.validation_fraction are both set; choose one")
-        if not 0 <= self.validation_fraction < 1:
-            raise ConfigError(f"{at}.validation_fraction: must be in [0, 1); got {self.validation_fraction}")
+        check_validation_split(at, self)
         positive(f"{at}.max_length", self.max_length)
         one_of(f"{at}.truncation", self.truncation, ("right", "left", "drop", "error"))
         one_of(f"{at}.loss_on", self.loss_on, ("assistant", "all"))
@@ -290,10 +295,7 @@ class RMDataConfig:
     tokens, so short sequences are not padded to the longest (causal backbones are packed without padding)."""
 
     def _check(self, at: str) -> None:
-        if self.validation is not None and self.validation_fraction > 0:
-            raise ConfigError(f"{at}.validation and {at}.validation_fraction are both set; choose one")
-        if not 0 <= self.validation_fraction < 1:
-            raise ConfigError(f"{at}.validation_fraction: must be in [0, 1); got {self.validation_fraction}")
+        check_validation_split(at, self)
         positive(f"{at}.max_length", self.max_length)
         one_of(f"{at}.truncation", self.truncation, ("left", "right", "drop", "error"))
         one_of(f"{at}.template", self.template, ("auto", "chat", "pair"))
@@ -379,10 +381,7 @@ class DPODataConfig:
     """Pack chosen and rejected of a micro-batch into one row with per-sequence positions (exact)."""
 
     def _check(self, at: str) -> None:
-        if self.validation is not None and self.validation_fraction > 0:
-            raise ConfigError(f"{at}.validation and {at}.validation_fraction are both set; choose one")
-        if not 0 <= self.validation_fraction < 1:
-            raise ConfigError(f"{at}.validation_fraction: must be in [0, 1); got {self.validation_fraction}")
+        check_validation_split(at, self)
         one_of(f"{at}.rankings", self.rankings, ("all_pairs", "best_worst"))
         positive(f"{at}.max_length", self.max_length)
         one_of(f"{at}.truncation", self.truncation, ("left", "right", "drop", "error"))

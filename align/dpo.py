@@ -44,14 +44,9 @@ CACHE_VERSION = 1
 
 
 def load_pairs(cfg: DPOConfig, tokenizer, template: str):
-    """Train and validation pairs, tokenized, and what was skipped or truncated, for the report. The validation
-    split is drawn over records, so the pairs of one ranking never straddle it."""
-    examples = formats.load_examples(cfg.data.train, "preference")
-    if cfg.data.validation is not None:
-        validation = formats.load_examples(cfg.data.validation, "preference")
-    else:
-        examples, validation = formats.split_validation(examples, cfg.data.validation_fraction, cfg.seed)
-    report = {"template": template, "skipped_records": getattr(examples, "skipped", {})}
+    """Train and validation pairs, tokenized, and what was skipped or truncated, for the report."""
+    examples, validation = formats.load_train_validation(cfg.data, "preference", cfg.seed)
+    report = {"template": template, "skipped_records": examples.skipped}
     tokenize = dict(tokenizer=tokenizer, template=template, max_length=cfg.data.max_length,
                     truncation=cfg.data.truncation)
     train_pairs, stats = data.tokenize_pairs(formats.ranking_pairs(examples, cfg.data.rankings), **tokenize)

@@ -526,6 +526,16 @@ def load_examples(source: Any, kind: str) -> Examples:
     return examples
 
 
+def load_train_validation(data_cfg: Any, kind: str, seed: int) -> tuple[Examples, list]:
+    """A stage's training and validation examples: validation from its own source, or a seeded fraction of the
+    training records held out (the split is over records, so one record's pairs never straddle it)."""
+    examples = load_examples(data_cfg.train, kind)
+    if data_cfg.validation is not None:
+        return examples, load_examples(data_cfg.validation, kind)
+    train, validation = split_validation(examples, data_cfg.validation_fraction, seed)
+    return Examples(train, examples.skipped), validation
+
+
 def split_validation(examples: list, fraction: float, seed: int) -> tuple[list, list]:
     """(train, validation): a seeded random `fraction` of the examples held out (at least one)."""
     if fraction <= 0:

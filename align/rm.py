@@ -28,12 +28,8 @@ log = logging.getLogger("align")
 
 def load_groups(cfg: RMConfig, tokenizer, template: str):
     """Train and validation groups, tokenized; and what was skipped or truncated, for the report."""
-    examples = formats.load_examples(cfg.data.train, "preference")
-    if cfg.data.validation is not None:
-        validation = formats.load_examples(cfg.data.validation, "preference")
-    else:
-        examples, validation = formats.split_validation(examples, cfg.data.validation_fraction, cfg.seed)
-    report = {"template": template, "skipped_records": getattr(examples, "skipped", {})}
+    examples, validation = formats.load_train_validation(cfg.data, "preference", cfg.seed)
+    report = {"template": template, "skipped_records": examples.skipped}
     tokenize = dict(tokenizer=tokenizer, template=template, max_length=cfg.data.max_length,
                     truncation=cfg.data.truncation)
     train_groups, stats = data.tokenize_groups(examples, **tokenize)

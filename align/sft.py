@@ -25,11 +25,7 @@ log = logging.getLogger("align")
 
 def load_data(cfg: SFTConfig, tokenizer) -> tuple[list[data.Tokenized], list[data.Tokenized], dict]:
     """Train and validation sets, tokenized; returns what truncation did for the report."""
-    examples = formats.load_examples(cfg.data.train, "sft")
-    if cfg.data.validation is not None:
-        validation = formats.load_examples(cfg.data.validation, "sft")
-    else:
-        examples, validation = formats.split_validation(examples, cfg.data.validation_fraction, cfg.seed)
+    examples, validation = formats.load_train_validation(cfg.data, "sft", cfg.seed)
     if cfg.data.system_prompt:
         examples, validation = (formats.with_system_prompt(x, cfg.data.system_prompt) for x in (examples, validation))
     tokenize = dict(tokenizer=tokenizer, max_length=cfg.data.max_length, truncation=cfg.data.truncation,

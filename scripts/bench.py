@@ -64,6 +64,23 @@ def mfu(tokens_per_s: float, n_params: int, peak_gflops: float) -> float:
     return 6 * n_params * tokens_per_s / (peak_gflops * 1e9)
 
 
+def step_clock():
+    """A transformers TrainerCallback that records the time at the start of training and after every step."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.marks = []
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.marks.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            self.marks.append(time.perf_counter())
+
+    return StepClock()
+
+
 def reset_accelerate() -> None:
     from accelerate.state import AcceleratorState, PartialState
 
@@ -125,20 +142,10 @@ def _run_align_sft(model_dir: Path, data_file: Path, out: Path, steps: int, batc
 
 def _run_trl_sft(model_dir: Path, records: list[dict], out: Path, steps: int, batch: int, lr: float) -> dict:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     reset_accelerate()
-
-    class StepClock(TrainerCallback):
-        def __init__(self):
-            self.marks = []
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.marks.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kw):
-            self.marks.append(time.perf_counter())
 
     # TRL's own conversational prompt/completion path: the loss falls on the completion (the assistant answer and
     # its end-of-turn), exactly the tokens align's assistant mask selects.
@@ -152,7 +159,7 @@ def _run_trl_sft(model_dir: Path, records: list[dict], out: Path, steps: int, ba
         dataloader_num_workers=0, seed=0, disable_tqdm=True,
     )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    clock = StepClock()
+    clock = step_clock()
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
                          processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[clock])
     trainer.train()
@@ -235,7 +242,7 @@ def _run_trl_rm(pairs: list[tuple], out: Path, steps: int, batch: int, lr: float
     """TRL's RewardTrainer on the same token ids (and BERT token types, through a collator that adds them to
     TRL's own), in the same order, from the same initialisation, dropout off as TRL defaults."""
     from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
     from trl.trainer.reward_trainer import DataCollatorForPreference
 
@@ -253,16 +260,6 @@ def _run_trl_rm(pairs: list[tuple], out: Path, steps: int, batch: int, lr: float
         out["token_type_ids"] = torch.nn.utils.rnn.pad_sequence(types, batch_first=True)[:, : out["input_ids"].shape[1]]
         return out
 
-    class StepClock(TrainerCallback):
-        def __init__(self):
-            self.marks = []
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.marks.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kw):
-            self.marks.append(time.perf_counter())
-
     dataset = Dataset.from_list([{"chosen_ids": c.input_ids, "rejected_ids": r.input_ids,
                                   "chosen_types": c.token_type_ids, "rejected_types": r.token_type_ids}
                                  for c, r in pairs])
@@ -275,7 +272,7 @@ def _run_trl_rm(pairs: list[tuple], out: Path, steps: int, batch: int, lr: float
     )
     torch.manual_seed(42)  # the same classifier initialisation as align's (seeded before loading)
     model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=torch.float32)
-    clock = StepClock()
+    clock = step_clock()
     trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                             data_collator=collate, callbacks=[clock])
     trainer.train()
@@ -437,21 +434,11 @@ def _run_align_dpo(model_dir: Path, data_file: Path, out: Path, steps: int, batc
 def _run_trl_dpo(model_dir: Path, examples: list, out: Path, steps: int, batch: int, lr: float) -> dict:
     """TRL's DPOTrainer as its users run it: a frozen reference copy evaluated every step (TRL's default)."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer
 
     reset_accelerate()
-
-    class StepClock(TrainerCallback):
-        def __init__(self):
-            self.marks = []
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.marks.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kw):
-            self.marks.append(time.perf_counter())
 
     dataset = Dataset.from_list([{"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected} for e in examples])
     args = TRLDPOConfig(
@@ -463,7 +450,7 @@ def _run_trl_dpo(model_dir: Path, examples: list, out: Path, steps: int, batch: 
     )
     load = lambda: AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,  # noqa: E731
                                                          attn_implementation="sdpa")
-    clock = StepClock()
+    clock = step_clock()
     trainer = DPOTrainer(model=load(), ref_model=load(), args=args, train_dataset=dataset,
                          processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[clock])
     trainer.train()
