@@ -149,7 +149,7 @@ def reference_logps(cfg: DPOConfig, policy, sets: dict[str, list[data.TokenizedP
             key = hashlib.blake2b(json.dumps({"weights": weights, "tokens": pairs_fingerprint(pairs), **settings},
                                              sort_keys=True).encode(), digest_size=16).hexdigest()
             path = cache / f"{key}.pt"
-            if cfg.reference_cache and path.is_file():
+            if cfg.reference_cache and _on_every_process(path.is_file(), accelerator):
                 saved = torch.load(path, weights_only=True)
                 if len(saved["chosen"]) == len(pairs):
                     out[name] = ReferenceLogps(saved["chosen"], saved["rejected"])
@@ -172,6 +172,15 @@ def reference_logps(cfg: DPOConfig, policy, sets: dict[str, list[data.TokenizedP
                     os.replace(tmp, path)  # atomic: a crash never leaves a partial cache entry
             accelerator.wait_for_everyone()
     return out, info
+
+
+def _on_every_process(decision: bool, accelerator) -> bool:
+    """The main process's decision, so that all processes take the same branch (and meet at the same gathers)."""
+    if accelerator.num_processes == 1:
+        return decision
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([decision], from_process=0)[0]
 
 
 @torch.no_grad()

@@ -293,22 +293,27 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, cache):
 
 @pytest.mark.slow
 def test_two_processes_under_accelerate_launch_match_one_process(tmp_path):
-    """The reference pass splits its chunks over processes and gathers them; training splits each batch."""
+    """The reference pass splits its chunks over processes and gathers them (a cache miss), or every process reads
+    the cache (a hit); training splits each batch. Both match one process."""
     import os
 
-    overrides = ["log.every=1", "train.max_steps=3", "log.progress=false", "reference_cache=false"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = [sys.executable, "-m", "align.dpo", TINY_DPO, f"output_dir={tmp_path / 'one'}", *overrides]
-    double = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "-m", "align.dpo", TINY_DPO, f"output_dir={tmp_path / 'two'}", *overrides]
-    for cmd in (single, double):
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    overrides = ["log.every=1", "train.max_steps=3", "log.progress=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ALIGN_CACHE": str(tmp_path / "cache")}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "align.dpo", TINY_DPO]
+    runs = {"one": [sys.executable, "-m", "align.dpo", TINY_DPO, "reference_cache=false"],
+            "two-cold": launch, "two-warm": launch}
+    for name, cmd in runs.items():
+        done = subprocess.run([*cmd, f"output_dir={tmp_path / name}", *overrides], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
     assert "2 processes" in done.stdout
+    reports = {name: json.loads((tmp_path / name / "report.json").read_text()) for name in runs}
+    assert reports["two-cold"]["reference"]["forwards"] > 0 and reports["two-warm"]["reference"]["forwards"] == 0
     rows = lambda d: [json.loads(line) for line in open(tmp_path / d / "metrics.jsonl")]  # noqa: E731
     pick = lambda rs, k: [r[k] for r in rs if k in r]  # noqa: E731
-    one, two = rows("one"), rows("two")
+    one = rows("one")
     assert len(pick(one, "loss/train")) == 3
-    for key in ("loss/train", "accuracy/train", "loss/val", "accuracy/val", "rewards/margin/val"):
-        assert pick(one, key) == pytest.approx(pick(two, key), abs=1e-5), key
+    for two in ("two-cold", "two-warm"):
+        for key in ("loss/train", "accuracy/train", "loss/val", "accuracy/val", "rewards/margin/val"):
+            assert pick(one, key) == pytest.approx(pick(rows(two), key), abs=1e-5), (two, key)
