@@ -59,9 +59,16 @@ def matmul_params(model) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
-def mfu(tokens_per_s: float, n_params: int, peak_gflops: float) -> float:
-    """Model FLOP utilisation: 6 N FLOPs per trained token (forward 2N, backward 4N) over the measured peak."""
-    return 6 * n_params * tokens_per_s / (peak_gflops * 1e9)
+def model_flops(n_body: int, n_head: int, tokens: int, targets: int, passes: int = 3) -> float:
+    """The matmul FLOPs a step needs: 2 per parameter per token per pass (forward 1 pass, + backward 2 passes =
+    training's 6N). The body runs on every token, the output head only where a target is predicted: the head
+    of a 49k vocabulary is most of a small model's parameters, and work on other positions is not needed."""
+    return 2 * passes * (n_body * tokens + n_head * targets)
+
+
+def mfu(flops_per_s: float, peak_gflops: float) -> float:
+    """Model FLOP utilisation: the FLOPs the work needs per second over the measured matmul peak."""
+    return flops_per_s / (peak_gflops * 1e9)
 
 
 def step_clock():
@@ -90,7 +97,7 @@ def reset_accelerate() -> None:
 
 def bench_model(folder: Path, tokenizer, seed: int = 0):
     """A ~19M-parameter Llama (8 layers, hidden 256) with SmolLM2's real 49k vocabulary, random weights, saved
-    once so both sides start from the same initialisation."""
+    once so both sides start from the same initialisation. Returns (body, head, total) parameter counts."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=768, num_hidden_layers=8,
@@ -101,7 +108,8 @@ def bench_model(folder: Path, tokenizer, seed: int = 0):
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    return matmul_params(model), sum(p.numel() for p in model.parameters())
+    n_head = model.get_output_embeddings().weight.numel()
+    return matmul_params(model) - n_head, n_head, sum(p.numel() for p in model.parameters())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -174,7 +182,7 @@ def bench_sft(args, peak: float) -> dict:
 
     tokenizer = models.load_tokenizer(ModelConfig(name_or_path=SMOLLM2))
     work = Path(tempfile.mkdtemp(prefix="align-bench-sft-"))
-    n_matmul, n_total = bench_model(work / "model", tokenizer)
+    n_body, n_head, n_total = bench_model(work / "model", tokenizer)
     batch, steps, lr = args.batch, args.steps, 1e-3
     records = _sft_examples(tokenizer, batch * steps, args.max_length)
     if len(records) < batch * steps:
@@ -185,9 +193,11 @@ def bench_sft(args, peak: float) -> dict:
     data_file.write_text("".join(json.dumps(r) + "\n" for r in records))
     sampler = data.StepSampler(len(records), batch, seed=42)  # align.sft's default seed
     ordered = [records[i] for step in range(steps) for i in sampler.indices(step)]
-    lengths = [len(data.tokenize_sft_example(e, tokenizer))
-               for e in formats.convert_records(formats.read_records(str(data_file)), "auto", "sft")]
-    tokens_per_step = [sum(lengths[i] for i in sampler.indices(step)) for step in range(steps)]
+    tokenized = [data.tokenize_sft_example(e, tokenizer)
+                 for e in formats.convert_records(formats.read_records(str(data_file)), "auto", "sft")]
+    tokens_per_step = [sum(len(tokenized[i]) for i in sampler.indices(step)) for step in range(steps)]
+    flops_per_step = [model_flops(n_body, n_head, tokens, sum(tokenized[i].num_targets for i in sampler.indices(step)))
+                      for step, tokens in enumerate(tokens_per_step)]
 
     runs = {"align": [], "trl": []}
     for r in range(args.rounds):
@@ -198,19 +208,23 @@ def bench_sft(args, peak: float) -> dict:
             else:
                 res = _run_trl_sft(work / "model", ordered, work / f"trl-{r}", steps, batch, lr)
             skip = min(2, steps - 1)  # the first steps warm up allocators and kernels
-            tok_s = sum(tokens_per_step[skip:]) / sum(res["step_s"][skip:])
-            runs[side].append({"tokens_per_s": tok_s, "loss_first": res["loss"][0], "loss_last": res["loss"][-1]})
+            seconds = sum(res["step_s"][skip:])
+            runs[side].append({"tokens_per_s": sum(tokens_per_step[skip:]) / seconds,
+                               "flops_per_s": sum(flops_per_step[skip:]) / seconds,
+                               "loss_first": res["loss"][0], "loss_last": res["loss"][-1]})
 
     def summary(side: str) -> dict:
         tok_s = statistics.median(x["tokens_per_s"] for x in runs[side])
-        return {"tokens_per_s": tok_s, "mfu": mfu(tok_s, n_matmul, peak), "loss_first": runs[side][0]["loss_first"],
-                "loss_last": runs[side][0]["loss_last"], "rounds": [x["tokens_per_s"] for x in runs[side]]}
+        return {"tokens_per_s": tok_s, "mfu": mfu(statistics.median(x["flops_per_s"] for x in runs[side]), peak),
+                "loss_first": runs[side][0]["loss_first"], "loss_last": runs[side][0]["loss_last"],
+                "rounds": [x["tokens_per_s"] for x in runs[side]]}
 
     ours, theirs = summary("align"), summary("trl")
     return {
         "stage": "sft", "ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
         "align": ours, "trl": theirs, "peak_gflops": peak,
-        "model": {"params": n_total, "matmul_params": n_matmul, "layers": 8, "hidden": 256, "vocab": len(tokenizer)},
+        "model": {"params": n_total, "matmul_params": n_body + n_head, "head_params": n_head, "layers": 8,
+                  "hidden": 256, "vocab": len(tokenizer)},
         "work": {"steps": steps, "batch": batch, "tokens": sum(tokens_per_step), "max_length": args.max_length,
                  "data": "data/gsm8k_400.jsonl (assistant-only loss)", "rounds": args.rounds},
     }
@@ -373,7 +387,7 @@ def bench_rm(args, peak: float) -> dict:
     def summary(side: str) -> dict:
         items = statistics.median(x["items_per_s"] for x in runs[side])
         tok_s = statistics.median(x["tokens_per_s"] for x in runs[side])
-        return {"items_per_s": items, "tokens_per_s": tok_s, "mfu": mfu(tok_s, n_matmul, peak),
+        return {"items_per_s": items, "tokens_per_s": tok_s, "mfu": mfu(model_flops(n_matmul, 0, tok_s, 0), peak),
                 "loss_first": runs[side][0]["loss_first"], "loss_last": runs[side][0]["loss_last"],
                 "rounds": [x["items_per_s"] for x in runs[side]]}
 
@@ -464,7 +478,7 @@ def bench_dpo(args, peak: float) -> dict:
 
     tokenizer = models.load_tokenizer(ModelConfig(name_or_path=SMOLLM2))
     work = Path(tempfile.mkdtemp(prefix="align-bench-dpo-"))
-    n_matmul, n_total = bench_model(work / "model", tokenizer)
+    n_body, n_head, n_total = bench_model(work / "model", tokenizer)
     batch, steps, lr = args.batch, args.steps, 1e-4
     picked = _dpo_records(tokenizer, batch * steps, args.max_length)
     if len(picked) < batch * steps:
@@ -475,6 +489,11 @@ def bench_dpo(args, peak: float) -> dict:
     ordered = [picked[i]["example"] for step in range(steps) for i in sampler.indices(step)]
     pairs, _ = data.tokenize_pairs([p["example"] for p in picked], tokenizer, "chat", args.max_length)
     tokens_per_step = [sum(pairs[i].num_tokens for i in sampler.indices(step)) for step in range(steps)]
+    targets_per_step = [sum(pairs[i].chosen.num_targets + pairs[i].rejected.num_targets for i in sampler.indices(step))
+                        for step in range(steps)]
+    # The policy's training pass, and (cold sides only) the reference's forward pass over the same sequences.
+    policy_flops = [model_flops(n_body, n_head, t, k) for t, k in zip(tokens_per_step, targets_per_step)]
+    reference_flops = [model_flops(n_body, n_head, t, k, passes=1) for t, k in zip(tokens_per_step, targets_per_step)]
 
     runs = {"align": [], "align_cached": [], "trl": []}
     for r in range(args.rounds):
@@ -489,17 +508,17 @@ def bench_dpo(args, peak: float) -> dict:
             skip = min(2, steps - 1)  # the first steps warm up allocators and kernels
             # align's reference pass over all pairs, charged in proportion to the timed steps
             seconds = sum(res["step_s"][skip:]) + res.get("reference_s", 0.0) * (steps - skip) / steps
+            flops = sum(policy_flops[skip:]) + (side != "align_cached") * sum(reference_flops[skip:])
             runs[side].append({"items_per_s": batch * (steps - skip) / seconds,
-                               "tokens_per_s": sum(tokens_per_step[skip:]) / seconds,
+                               "tokens_per_s": sum(tokens_per_step[skip:]) / seconds, "flops_per_s": flops / seconds,
                                "loss_first": res["loss"][0], "loss_last": res["loss"][-1],
                                "reference_s": res.get("reference_s")})
 
     def summary(side: str) -> dict:
         items = statistics.median(x["items_per_s"] for x in runs[side])
         tok_s = statistics.median(x["tokens_per_s"] for x in runs[side])
-        # MFU counts the trained tokens' 6N; the reference forward (2N more per token) is extra work on both
-        # sides in the cold runs, so this understates the hardware use there.
-        return {"items_per_s": items, "tokens_per_s": tok_s, "mfu": mfu(tok_s, n_matmul, peak),
+        return {"items_per_s": items, "tokens_per_s": tok_s,
+                "mfu": mfu(statistics.median(x["flops_per_s"] for x in runs[side]), peak),
                 "loss_first": runs[side][0]["loss_first"], "loss_last": runs[side][0]["loss_last"],
                 "rounds": [x["items_per_s"] for x in runs[side]], "reference_s": runs[side][0]["reference_s"]}
 
@@ -508,7 +527,8 @@ def bench_dpo(args, peak: float) -> dict:
         "stage": "dpo", "ratio": ours["items_per_s"] / theirs["items_per_s"], "unit": "pairs/s",
         "cached_ratio": cached["items_per_s"] / theirs["items_per_s"],
         "align": ours, "align_cached": cached, "trl": theirs, "peak_gflops": peak,
-        "model": {"params": n_total, "matmul_params": n_matmul, "layers": 8, "hidden": 256, "vocab": len(tokenizer)},
+        "model": {"params": n_total, "matmul_params": n_body + n_head, "head_params": n_head, "layers": 8,
+                  "hidden": 256, "vocab": len(tokenizer)},
         "work": {"steps": steps, "batch_pairs": batch, "tokens": sum(tokens_per_step), "max_length": args.max_length,
                  "loss": "sigmoid, beta 0.1", "data": "data/hh_harmless.jsonl (chat template, no truncation)",
                  "rounds": args.rounds},
@@ -524,7 +544,7 @@ def print_table(result: dict) -> None:
     print(f"{'side':<8}{unit:>12}{'MFU':>8}{'loss first':>12}{'loss last':>11}   rounds")
     sides = [("align", a)] + ([("align*", result["align_cached"])] if "align_cached" in result else []) + [("trl", t)]
     for name, side in sides:
-        rounds = ", ".join(f"{x:.0f}" for x in side["rounds"])
+        rounds = ", ".join(f"{x:.1f}" if "unit" in result else f"{x:.0f}" for x in side["rounds"])
         print(f"{name:<8}{side[key]:>12.1f}{side['mfu'] * 100:>7.1f}%{side['loss_first']:>12.4f}"
               f"{side['loss_last']:>11.4f}   {rounds}")
     print(f"ratio align/trl: {result['ratio']:.2f}x")
