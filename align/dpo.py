@@ -187,16 +187,14 @@ def _on_every_process(decision: bool, accelerator) -> bool:
 def _compute_reference(ref, pairs, cfg: DPOConfig, accelerator, pad_id: int) -> tuple[ReferenceLogps, int]:
     from accelerate.utils import gather_object
 
-    was_training = ref.training
-    ref.to(accelerator.device).eval()
     chunks = data.chunks(range(len(pairs)), cfg.reference_batch_size)
     mine = []
-    for c in range(accelerator.process_index, len(chunks), accelerator.num_processes):
-        with accelerator.autocast():
-            chosen, rejected, _, _ = pair_logps(ref, [pairs[i] for i in chunks[c]], cfg.data.padding_free, pad_id,
-                                                accelerator.device)
-        mine.append((c, chosen.float().cpu().tolist(), rejected.float().cpu().tolist()))
-    ref.train(was_training)
+    with train.evaluating(ref.to(accelerator.device)) as net:
+        for c in range(accelerator.process_index, len(chunks), accelerator.num_processes):
+            with accelerator.autocast():
+                chosen, rejected, _, _ = pair_logps(net, [pairs[i] for i in chunks[c]], cfg.data.padding_free,
+                                                    pad_id, accelerator.device)
+            mine.append((c, chosen.float().cpu().tolist(), rejected.float().cpu().tolist()))
     done = gather_object(mine) if accelerator.num_processes > 1 else mine
     chosen, rejected = torch.empty(len(pairs)), torch.empty(len(pairs))
     for c, ch, rj in done:
@@ -220,20 +218,17 @@ def pair_loss(cfg: DPOConfig, pc, pr, rc, rr, nc, nr) -> tuple[torch.Tensor, tor
 def evaluate_pairs(model, pairs, ref: Optional[ReferenceLogps], cfg: DPOConfig, accelerator, pad_id: int) -> dict:
     """Loss, implicit rewards, margin, preference accuracy and log-probs on held-out pairs. Forwards use the
     reference pass's chunks, so before any update the policy reproduces the reference exactly (accuracy 50%)."""
-    net = accelerator.unwrap_model(model)
-    was_training = net.training
-    net.eval()
     chunks = data.chunks(range(len(pairs)), cfg.reference_batch_size)
     sums = torch.zeros(8, device=accelerator.device)
-    for c in range(accelerator.process_index, len(chunks), accelerator.num_processes):
-        ids = chunks[c]
-        with accelerator.autocast():
-            pc, pr, nc, nr = pair_logps(net, [pairs[i] for i in ids], cfg.data.padding_free, pad_id,
-                                        accelerator.device)
-        rc, rr = ref.take(ids, pc.device) if ref is not None else (None, None)
-        loss, reward_c, reward_r = pair_loss(cfg, pc.float(), pr.float(), rc, rr, nc, nr)
-        sums += losses.preference_stats(loss, reward_c, reward_r, pc, pr)
-    net.train(was_training)
+    with train.evaluating(model, accelerator) as net:
+        for c in range(accelerator.process_index, len(chunks), accelerator.num_processes):
+            ids = chunks[c]
+            with accelerator.autocast():
+                pc, pr, nc, nr = pair_logps(net, [pairs[i] for i in ids], cfg.data.padding_free, pad_id,
+                                            accelerator.device)
+            rc, rr = ref.take(ids, pc.device) if ref is not None else (None, None)
+            loss, reward_c, reward_r = pair_loss(cfg, pc.float(), pr.float(), rc, rr, nc, nr)
+            sums += losses.preference_stats(loss, reward_c, reward_r, pc, pr)
     return losses.summarize_preference_stats(accelerator.reduce(sums, "sum"), "val")
 
 

@@ -71,18 +71,15 @@ def score_groups(model, groups, cfg: RMConfig, pad_id: int, device):
 def evaluate_groups(model, groups, cfg: RMConfig, accelerator, pad_id: int, full: bool = False) -> dict:
     """Loss, pairwise accuracy and reward statistics on held-out groups (split over processes). With full=True
     (main process, at the end) also the evaluation report of reward_models.metrics."""
-    net = accelerator.unwrap_model(model)
-    was_training = net.training
-    net.eval()
     mine = groups[accelerator.process_index:: accelerator.num_processes]
     sums, loss_sum, scored = torch.zeros(6, device=accelerator.device), torch.zeros((), device=accelerator.device), []
-    for chunk in data.chunks(mine, cfg.train.micro_batch_size):
-        rewards, ranks, valid, margins = score_groups(net, chunk, cfg, pad_id, accelerator.device)
-        loss_sum += group_loss(cfg, rewards, ranks, valid, margins).sum()
-        sums += losses.ranking_stats(rewards, ranks, valid)
-        scored.extend(rm_metrics.Group(r[v].tolist(), g.ranks, g.response_chars)
-                      for r, v, g in zip(rewards.cpu(), valid.cpu(), chunk))
-    net.train(was_training)
+    with train.evaluating(model, accelerator) as net:
+        for chunk in data.chunks(mine, cfg.train.micro_batch_size):
+            rewards, ranks, valid, margins = score_groups(net, chunk, cfg, pad_id, accelerator.device)
+            loss_sum += group_loss(cfg, rewards, ranks, valid, margins).sum()
+            sums += losses.ranking_stats(rewards, ranks, valid)
+            scored.extend(rm_metrics.Group(r[v].tolist(), g.ranks, g.response_chars)
+                          for r, v, g in zip(rewards.cpu(), valid.cpu(), chunk))
     sums = accelerator.reduce(sums, "sum")
     out = {"loss/val": (accelerator.reduce(loss_sum, "sum") / len(groups)).item(),
            **losses.summarize_ranking_stats(sums, "val")}

@@ -46,19 +46,16 @@ def load_data(cfg: SFTConfig, tokenizer) -> tuple[list[data.Tokenized], list[dat
 def evaluate_nll(model, examples: list[data.Tokenized], cfg: SFTConfig, accelerator, pad_id: int
                  ) -> dict[str, float]:
     """Token-mean NLL and perplexity on the validation set, split over processes and summed."""
-    net = accelerator.unwrap_model(model)  # no DDP wrapper: processes may run different numbers of forwards
-    was_training = net.training
-    net.eval()
     mine = examples[accelerator.process_index:: accelerator.num_processes]
     totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    for chunk in data.chunks(mine, cfg.train.micro_batch_size):
-        batch = data.collate(chunk, cfg.data.padding_free, pad_id).to(accelerator.device)
-        with accelerator.autocast():
-            logits = models.logits_at(net, batch)
-        totals[0] += F.cross_entropy(logits.float(), batch.targets, reduction="sum").double()
-        totals[1] += batch.num_targets
+    with train.evaluating(model, accelerator) as net:
+        for chunk in data.chunks(mine, cfg.train.micro_batch_size):
+            batch = data.collate(chunk, cfg.data.padding_free, pad_id).to(accelerator.device)
+            with accelerator.autocast():
+                logits = models.logits_at(net, batch)
+            totals[0] += F.cross_entropy(logits.float(), batch.targets, reduction="sum").double()
+            totals[1] += batch.num_targets
     totals = accelerator.reduce(totals, "sum")
-    net.train(was_training)
     loss = (totals[0] / totals[1]).item()
     return {"loss/val": loss, "ppl/val": math.exp(min(loss, 50.0))}
 

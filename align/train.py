@@ -358,6 +358,19 @@ def _changed_keys(old_yaml: str, new_yaml: str) -> set[str]:
 # The loop's chores, shared by every stage
 
 
+@contextlib.contextmanager
+def evaluating(model, accelerator=None) -> Iterator[Any]:
+    """The bare network in eval mode for the block, its previous mode restored after. Unwrapped from DDP:
+    processes may run different numbers of evaluation forwards, which a DDP forward must not."""
+    net = accelerator.unwrap_model(model) if accelerator is not None else model
+    was_training = net.training
+    net.eval()
+    try:
+        yield net
+    finally:
+        net.train(was_training)
+
+
 def begin(cfg: Any, stage: str) -> tuple[Any, "Run"]:
     """The accelerator and the (checked, not yet created) run folder of a stage."""
     accelerator = make_accelerator(cfg.train, cfg.seed)
