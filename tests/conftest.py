@@ -38,3 +38,15 @@ def chat():
         {"role": "user", "content": "And doubled?"},
         {"role": "assistant", "content": "Doubled, 42 becomes 84."},
     ]
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA: skipped (and said so) on machines without it, such as CI's."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
