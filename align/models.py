@@ -185,6 +185,14 @@ def default_attention(cfg: ModelConfig, model_class) -> str | None:
     return PACKED_SDPA if getattr(model_class, "_supports_sdpa", False) else None
 
 
+def folder_attention(auto_cls, folder: str) -> str | None:
+    """Packed SDPA for a saved model folder whose architecture supports SDPA (scorers load folders, not recipes)."""
+    from transformers import AutoConfig
+
+    model_class = _model_class(auto_cls, AutoConfig.from_pretrained(folder))
+    return default_attention(ModelConfig(name_or_path=folder), model_class)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Models
 

@@ -20,11 +20,9 @@ from reward_models.model import as_prompt, as_response
 
 
 def _load_causal_lm(folder: str, device: str):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(folder)
-    cls = models._model_class(AutoModelForCausalLM, config)
-    attention = models.PACKED_SDPA if getattr(cls, "_supports_sdpa", False) else None
+    attention = models.folder_attention(AutoModelForCausalLM, folder)
     model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attention, dtype=torch.float32)
     model.config.use_cache = False
     return model.to(device).eval()

@@ -140,7 +140,8 @@ class RewardScorer:
         self.settings = RewardSettings.load(self.folder, self.tokenizer)
         if max_length:
             self.settings.max_length = max_length
-        hf = AutoModelForSequenceClassification.from_pretrained(self.folder, attn_implementation=self._attention(),
+        attention = models.folder_attention(AutoModelForSequenceClassification, self.folder)
+        hf = AutoModelForSequenceClassification.from_pretrained(self.folder, attn_implementation=attention,
                                                                 dtype=torch.float32)
         if hf.config.num_labels != 1:
             raise ValueError(f"{self.folder}: a reward model has one output; this one has {hf.config.num_labels}")
@@ -148,13 +149,6 @@ class RewardScorer:
         self.max_tokens = max_tokens
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-
-    def _attention(self) -> Optional[str]:
-        from transformers import AutoConfig, AutoModelForSequenceClassification
-
-        config = AutoConfig.from_pretrained(self.folder)
-        cls = models._model_class(AutoModelForSequenceClassification, config)
-        return models.PACKED_SDPA if getattr(cls, "_supports_sdpa", False) else None
 
     def tokenize(self, prompt, response) -> data.RewardSequence:
         prompt, response = as_prompt(prompt), as_response(response)
