@@ -434,8 +434,8 @@ class DPOConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(disable_dropout=True))
     """The policy to train, usually an SFT model (dropout off by default: policy and reference must agree)."""
     reference: Optional[ModelConfig] = None
-    """The reference model. Default: the policy's initial weights (its base with adapters disabled under LoRA; a
-    frozen copy otherwise). Not used by SimPO."""
+    """The reference model. Default: the policy's initial weights (its base with adapters disabled under LoRA).
+    Its log-probs are computed before the first update, so no second copy is kept. Not used by SimPO."""
     reference_cache: bool = True
     """Cache reference log-probabilities on disk (ALIGN_CACHE/ref_logps), keyed by the reference weights, the
     token ids (data, template, truncation), precision and reference_batch_size; a later run reuses them."""

@@ -143,13 +143,16 @@ def reference_logps(cfg: DPOConfig, policy, sets: dict[str, list[data.TokenizedP
     cache = models.cache_dir() / "ref_logps"
     out = {}
     with reference_network(cfg, policy) as ref:
-        weights = weights_fingerprint(ref)
-        settings = _reference_forward_settings(cfg, ref, accelerator)
+        if cfg.reference_cache:  # hashing every weight costs seconds on a large model: only for a cache key
+            weights = weights_fingerprint(ref)
+            settings = _reference_forward_settings(cfg, ref, accelerator)
         for name, pairs in sets.items():
-            key = hashlib.blake2b(json.dumps({"weights": weights, "tokens": pairs_fingerprint(pairs), **settings},
-                                             sort_keys=True).encode(), digest_size=16).hexdigest()
-            path = cache / f"{key}.pt"
-            if cfg.reference_cache and _on_every_process(path.is_file(), accelerator):
+            path = None
+            if cfg.reference_cache:
+                key = hashlib.blake2b(json.dumps({"weights": weights, "tokens": pairs_fingerprint(pairs), **settings},
+                                                 sort_keys=True).encode(), digest_size=16).hexdigest()
+                path = cache / f"{key}.pt"
+            if path is not None and _on_every_process(path.is_file(), accelerator):
                 saved = torch.load(path, weights_only=True)
                 if len(saved["chosen"]) == len(pairs):
                     out[name] = ReferenceLogps(saved["chosen"], saved["rejected"])
@@ -162,14 +165,12 @@ def reference_logps(cfg: DPOConfig, policy, sets: dict[str, list[data.TokenizedP
             info["seconds"] += time.perf_counter() - start
             log.info("reference log-probs of %d %s pairs: computed in %.1f s", len(pairs), name,
                      time.perf_counter() - start)
-            info["cache"][name] = "off"
-            if cfg.reference_cache:
-                info["cache"][name] = f"miss, written {path}"
-                if accelerator.is_main_process:
-                    cache.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-                    torch.save({"chosen": out[name].chosen, "rejected": out[name].rejected}, tmp)
-                    os.replace(tmp, path)  # atomic: a crash never leaves a partial cache entry
+            info["cache"][name] = "off" if path is None else f"miss, written {path}"
+            if path is not None and accelerator.is_main_process:
+                cache.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+                torch.save({"chosen": out[name].chosen, "rejected": out[name].rejected}, tmp)
+                os.replace(tmp, path)  # atomic: a crash never leaves a partial cache entry
             accelerator.wait_for_everyone()
     return out, info
 
