@@ -461,8 +461,235 @@ class DPOConfig:
             raise ConfigError("reference: SimPO (loss.type=simpo) is reference-free; remove the reference section")
 
 
+# --------------------------------------------------------------------------------------------------------------
+# PPO
+
+
+@dataclass
+class PPODataConfig:
+    train: DataSource = field(default_factory=DataSource)
+    """Prompts: any record with a prompt (prompt; messages or HH transcripts, up to their last user turn; question;
+    instruction). Preference and SFT files work as they are."""
+    validation: Optional[DataSource] = None
+    """Held-out prompts for the reward before and after training; or use validation_fraction."""
+    validation_fraction: float = 0.0
+    """Hold out this fraction of the prompts (a seeded shuffle)."""
+    max_prompt_length: int = 512
+    """Longest prompt, in tokens, after the chat template."""
+    truncation: str = "error"
+    """A longer prompt: error (stop, naming the file and line), drop (skip it; counted), or left (keep its last
+    max_prompt_length tokens)."""
+    template: str = "auto"
+    """chat (the tokenizer's chat template), plain ("Human: ... Assistant:" text), or auto."""
+
+    def _check(self, at: str) -> None:
+        check_validation_split(at, self)
+        positive(f"{at}.max_prompt_length", self.max_prompt_length)
+        one_of(f"{at}.truncation", self.truncation, ("error", "drop", "left"))
+        one_of(f"{at}.template", self.template, ("auto", "chat", "plain"))
+
+
+@dataclass
+class RewardConfig:
+    model: Optional[str] = None
+    """A reward-model folder: align.rm's output, or any one-output sequence-classification model. It keeps its own
+    tokenizer and template: responses are decoded, re-templated and re-tokenized for it."""
+    rule: Optional[str] = None
+    """Or a programmatic reward from reward_models/rules.py: gsm8k_exact, length, regex."""
+    rule_args: dict[str, Any] = field(default_factory=dict)
+    """Arguments of the rule, e.g. {data: data/gsm8k_400.jsonl} or {pattern: "####"}."""
+    max_length: Optional[int] = None
+    """Reward-model truncation limit in tokens (default: the one it was trained with)."""
+
+    def _check(self, at: str) -> None:
+        if (self.model is None) == (self.rule is None):
+            raise ConfigError(f"{at}: set exactly one of {at}.model (a reward-model folder) or {at}.rule")
+        if self.rule_args and self.rule is None:
+            raise ConfigError(f"{at}.rule_args is set but {at}.rule is not")
+
+
+@dataclass
+class CriticConfig:
+    init: str = "auto"
+    """Where the value model's weights come from: reward (the reward model's backbone and head: InstructGPT's
+    choice; needs a causal reward model with the policy's tokenizer), policy (the policy's backbone and a new
+    scalar head), or auto (reward when it can, else policy; the log says which)."""
+    learning_rate: Optional[float] = None
+    """The critic's peak learning rate (default: train.learning_rate)."""
+
+    def _check(self, at: str) -> None:
+        one_of(f"{at}.init", self.init, ("auto", "reward", "policy"))
+        if self.learning_rate is not None:
+            positive(f"{at}.learning_rate", self.learning_rate)
+
+
+@dataclass
+class VLLMConfig:
+    mode: str = "colocate"
+    """colocate (an engine inside each training process, sharing its GPU) or server (a `trl vllm-serve` server,
+    for multi-node)."""
+    gpu_memory_utilization: float = 0.5
+    """colocate: the share of GPU memory vLLM reserves (the rest trains)."""
+    enable_sleep_mode: bool = False
+    """colocate: offload vLLM's weights and KV cache while training (less memory, slower wake-up)."""
+    server_base_url: Optional[str] = None
+    """server: e.g. http://10.0.0.2:8000."""
+    server_timeout: float = 240.0
+    """server: seconds to wait for it to come up."""
+    max_model_length: Optional[int] = None
+    """Context length vLLM allocates for (default: the model's)."""
+    sync_timeout: float = 600.0
+    """Seconds a weight push may take before the run stops with an error."""
+
+    def _check(self, at: str) -> None:
+        one_of(f"{at}.mode", self.mode, ("colocate", "server"))
+        if not 0 < self.gpu_memory_utilization < 1:
+            raise ConfigError(f"{at}.gpu_memory_utilization: must be in (0, 1); got {self.gpu_memory_utilization}")
+        positive(f"{at}.sync_timeout", self.sync_timeout)
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"
+    """hf (transformers generate; CPU or GPU) or vllm (TRL's vLLM integration; CUDA)."""
+    max_new_tokens: int = 64
+    """Longest response, in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature (PPO needs samples from the policy: 1.0 unless you know why not)."""
+    top_p: float = 1.0
+    """Nucleus sampling (1.0: off)."""
+    top_k: int = 0
+    """Top-k sampling (0: off)."""
+    generation_batch_size: int = 64
+    """hf: prompts per generate call."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """Settings of the vllm engine."""
+
+    def _check(self, at: str) -> None:
+        one_of(f"{at}.engine", self.engine, ("hf", "vllm"))
+        positive(f"{at}.max_new_tokens", self.max_new_tokens)
+        if self.temperature <= 0:
+            raise ConfigError(f"{at}.temperature: PPO samples from the policy; must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"{at}.top_p: must be in (0, 1]; got {self.top_p}")
+        positive(f"{at}.top_k", self.top_k, allow_zero=True)
+        positive(f"{at}.generation_batch_size", self.generation_batch_size)
+
+
+@dataclass
+class PPOAlgoConfig:
+    kl_coef: float = 0.05
+    """beta: weight of the per-token KL penalty to the reference in the reward (the initial value when adaptive)."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimate: k1 (log pi - log pi_ref) or k3 ((r - 1) - log r; non-negative, lower variance)."""
+    adaptive_kl: bool = False
+    """Adapt kl_coef toward kl_target (Ziegler et al. 2019) instead of keeping it fixed."""
+    kl_target: float = 6.0
+    """Adaptive controller: the target KL per response (nats)."""
+    kl_horizon: int = 10000
+    """Adaptive controller: its horizon, in responses."""
+    gamma: float = 1.0
+    """Discount factor of GAE."""
+    lam: float = 0.95
+    """lambda of GAE."""
+    ppo_epochs: int = 4
+    """Passes of minibatch updates over each rollout batch."""
+    mini_batch_size: Optional[int] = None
+    """Responses per optimizer step within an update epoch (default: train.batch_size, one step per epoch). Split
+    into train.micro_batch_size forwards."""
+    clip_eps: float = 0.2
+    """Clipping range of the policy ratio."""
+    clip_eps_value: float = 0.2
+    """Clipping range of the value update around the rollout's values."""
+    ent_coef: float = 0.0
+    """Weight of an entropy bonus in the policy loss."""
+    target_kl: Optional[float] = None
+    """Stop the remaining updates on a rollout batch once a minibatch's approx-KL to the rollout policy exceeds
+    this (null: never)."""
+    whiten_advantages: bool = True
+    """Normalise advantages to mean 0, std 1 over the batch's response tokens."""
+    normalize_reward: bool = False
+    """Divide scores by a running standard deviation (and subtract the running mean) of all scores seen."""
+    reward_clip: Optional[float] = None
+    """Clip scores (after normalisation) to [-reward_clip, reward_clip]."""
+    missing_eos_penalty: Optional[float] = None
+    """Subtract this from the score of a response that hit max_new_tokens without its end-of-turn token."""
+
+    def _check(self, at: str) -> None:
+        positive(f"{at}.kl_coef", self.kl_coef, allow_zero=True)
+        one_of(f"{at}.kl_estimator", self.kl_estimator, ("k1", "k3"))
+        positive(f"{at}.kl_target", self.kl_target)
+        positive(f"{at}.kl_horizon", self.kl_horizon)
+        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise ConfigError(f"{at}.gamma and {at}.lam must be in [0, 1]; got {self.gamma}, {self.lam}")
+        positive(f"{at}.ppo_epochs", self.ppo_epochs)
+        if self.mini_batch_size is not None:
+            positive(f"{at}.mini_batch_size", self.mini_batch_size)
+        positive(f"{at}.clip_eps", self.clip_eps)
+        positive(f"{at}.clip_eps_value", self.clip_eps_value)
+        positive(f"{at}.ent_coef", self.ent_coef, allow_zero=True)
+        if self.target_kl is not None:
+            positive(f"{at}.target_kl", self.target_kl)
+        if self.reward_clip is not None:
+            positive(f"{at}.reward_clip", self.reward_clip)
+
+
+@dataclass
+class PPOConfig:
+    """RLHF with PPO and a critic: `python -m align.ppo RECIPE.yaml [key=value ...]`."""
+
+    output_dir: str = MISSING
+    """Run folder: config, metrics, checkpoints, the final policy."""
+    resume: bool = False
+    """Continue from the newest checkpoint in output_dir (exactly: policy, critic, optimizers, KL controller,
+    reward normaliser, RNG and data position)."""
+    overwrite: bool = False
+    """Delete an existing output_dir first."""
+    seed: int = 42
+    """Seed for prompt order, sampling and initialisation."""
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(disable_dropout=True))
+    """The policy, usually an SFT model (dropout off: the PPO ratio needs deterministic log-probs)."""
+    reference: Optional[ModelConfig] = None
+    """The KL reference. Default: the policy's initial weights (its base with adapters disabled under LoRA, else a
+    frozen copy)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Adapters on the policy and on the critic (off: both train in full)."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """The reward: a reward-model folder or a programmatic rule."""
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    """The value model."""
+    data: PPODataConfig = field(default_factory=PPODataConfig)
+    """Prompts and their template."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """The generation engine and sampling."""
+    ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
+    """The algorithm's settings."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=1e-5, scheduler="constant"))
+    """Optimisation. batch_size is prompts per rollout (one PPO iteration); max_steps or epochs count iterations;
+    the learning-rate schedule advances once per iteration."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Metrics and progress."""
+    eval_samples: int = 64
+    """Held-out prompts scored before and after training (and every train.eval_every iterations)."""
+    save_merged: bool = True
+    """With LoRA, also write the merged policy to output_dir/merged."""
+
+    def _check(self, at: str) -> None:
+        check_run(self)
+        positive("eval_samples", self.eval_samples, allow_zero=True)
+        mini = self.ppo.mini_batch_size or self.train.batch_size
+        if self.train.batch_size % mini:
+            raise ConfigError(f"ppo.mini_batch_size={mini} must divide train.batch_size={self.train.batch_size}")
+        if mini % self.train.micro_batch_size:
+            raise ConfigError(f"ppo.mini_batch_size={mini} is not a multiple of "
+                              f"train.micro_batch_size={self.train.micro_batch_size}")
+        if self.critic.init == "reward" and self.reward.model is None:
+            raise ConfigError("critic.init=reward needs reward.model (a rule has no weights to start from); "
+                              "use critic.init=policy")
+
+
 # Stage name -> config class. A recipe file named `<stage>*.yaml` is validated against its stage's class.
-STAGES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig}
+STAGES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig}
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -97,6 +97,14 @@ class RankingExample:
     origin: Optional[Origin] = field(default=None, compare=False)
 
 
+@dataclass
+class PromptExample:
+    """A prompt for on-policy training (PPO) or evaluation: the chat the policy answers."""
+
+    prompt: list[Message]
+    origin: Optional[Origin] = field(default=None, compare=False)
+
+
 class Examples(list):
     """A list of canonical examples that also remembers how many records were skipped, by reason."""
 
@@ -449,11 +457,54 @@ def _oasst_tree(r: Record) -> list[RankingExample]:
     return out
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Prompt formats (PPO, evaluation): any record that carries a prompt. A conversation gives the turns before its
+# last assistant turn, so SFT and preference files serve as prompt files too.
+
+
+def _until_last_user(r: Record, name: str, msgs: list[Message]) -> list[Message]:
+    while msgs and msgs[-1]["role"] == "assistant":
+        msgs = msgs[:-1]
+    if not msgs or msgs[-1]["role"] == "assistant" or not any(m["role"] == "user" for m in msgs):
+        raise _error(r, f"field '{name}': no user turn to answer")
+    return msgs
+
+
+def _prompt_field(r: Record) -> PromptExample:
+    prompt = _prompt(r, "prompt", _field(r, "prompt", "prompt"))
+    if prompt[-1]["role"] == "assistant":
+        raise _error(r, "field 'prompt': the prompt must end with a user (or system/tool) turn")
+    return PromptExample(prompt, r.origin)
+
+
+def _prompt_messages(r: Record) -> PromptExample:
+    sharegpt = "conversations" in r.data and "messages" not in r.data
+    name = "conversations" if sharegpt else "messages"
+    msgs = _messages(r, name, _field(r, name, "messages"), sharegpt=sharegpt)
+    return PromptExample(_until_last_user(r, name, msgs), r.origin)
+
+
+def _prompt_question(r: Record) -> PromptExample:
+    question = _string(r, "question", _field(r, "question", "question_answer"))
+    return PromptExample([{"role": "user", "content": question}], r.origin)
+
+
+def _prompt_alpaca(r: Record) -> PromptExample:
+    return PromptExample(_sft_alpaca(r).messages[:-1], r.origin)
+
+
+def _prompt_hh(r: Record) -> PromptExample:
+    raw = _field(r, "chosen", "hh")
+    msgs = parse_hh(r, "chosen", raw) if isinstance(raw, str) else _messages(r, "chosen", raw)
+    return PromptExample(_until_last_user(r, "chosen", msgs), r.origin)
+
+
 @dataclass(frozen=True)
 class Format:
     name: str
     kind: str
-    """What it becomes: sft (SFTExample) or preference (PreferenceExample / RankingExample)."""
+    """What it becomes: sft (SFTExample), preference (PreferenceExample / RankingExample) or prompt
+    (PromptExample)."""
     keys: tuple[str, ...]
     """Fields whose presence identifies the format (all of them)."""
     convert: Callable[[Record], Any]
@@ -471,8 +522,14 @@ FORMATS: list[Format] = [
     Format("hh", "preference", ("chosen", "rejected"), _pref_conversations),
     Format("ranking", "preference", ("prompt", "responses"), _ranking),
     Format("oasst", "preference", ("message_tree_id", "prompt"), _oasst_tree),
+    Format("prompt", "prompt", ("prompt",), _prompt_field),
+    Format("messages", "prompt", ("messages",), _prompt_messages),
+    Format("sharegpt", "prompt", ("conversations",), _prompt_messages),
+    Format("question_answer", "prompt", ("question",), _prompt_question),
+    Format("alpaca", "prompt", ("instruction",), _prompt_alpaca),
+    Format("hh", "prompt", ("chosen",), _prompt_hh),
 ]
-BY_NAME = {f.name: f for f in FORMATS}
+BY_NAME = {(f.name, f.kind): f for f in FORMATS}
 
 
 def detect_format(record: Record, kind: str) -> Format:
@@ -489,10 +546,10 @@ def detect_format(record: Record, kind: str) -> Format:
 def get_format(name: str, record: Record, kind: str) -> Format:
     if name == "auto":
         return detect_format(record, kind)
-    if name not in BY_NAME or BY_NAME[name].kind != kind:
+    if (name, kind) not in BY_NAME:
         options = ", ".join(f.name for f in FORMATS if f.kind == kind)
         raise DataError(f"{record.origin.file}: unknown {kind} format {name!r}; expected auto or one of {options}")
-    return BY_NAME[name]
+    return BY_NAME[(name, kind)]
 
 
 def convert_records(records: list[Record], fmt_name: str, kind: str, skip_invalid: bool = False) -> Examples:

@@ -261,3 +261,144 @@ def summarize_preference_stats(sums: torch.Tensor, split: str) -> dict[str, floa
              "logps/rejected"]
     n = max(sums[-1].item(), 1.0)
     return {f"{name}/{split}": (sums[i] / n).item() for i, name in enumerate(names)}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# PPO (Schulman et al. 2017) for language models (Ziegler et al. 2019; Ouyang et al. 2022)
+#
+# A rollout batch is laid out as [B, T]: B responses, T the longest response; response_mask [B, T] is 1 on a
+# response's tokens (through its EOS) and 0 after. Token t of a response is action a_t taken in state s_t (the
+# prompt and the response tokens before t); logprobs[b, t] = log pi(a_t | s_t), values[b, t] = V(s_t).
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi (Schulman, "Approximating KL
+    divergence", 2020), elementwise:
+
+        k1 = log pi(a) - log pi_ref(a)                   unbiased, can be negative per token
+        k3 = (r - 1) - log r,  r = pi_ref(a) / pi(a)     unbiased, always >= 0, lower variance
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected k1 or k3")
+
+
+def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, response_mask: torch.Tensor, kl_coef: float
+                   ) -> torch.Tensor:
+    """The per-token reward PPO maximises (Ziegler et al. 2019, eq. 2; InstructGPT eq. 2):
+
+        r_t = -kl_coef * KL_t             for every response token
+        r_T = r_T + score                 at the response's last token T
+
+    scores [B] (the reward model's, after normalisation), kl [B, T] per-token KL estimates -> [B, T], 0 off-mask."""
+    mask = response_mask.to(kl.dtype)
+    rewards = -kl_coef * kl * mask
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    rows = torch.arange(len(scores), device=scores.device)
+    rewards[rows, last] += scores.to(rewards.dtype)
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor, gamma: float, lam: float
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16), per response, backwards in time:
+
+        delta_t = r_t + gamma V(s_{t+1}) - V(s_t)       (V = 0 after the last token: the episode ends)
+        A_t     = delta_t + gamma lam A_{t+1}
+        returns_t = A_t + V(s_t)                        (the value target)
+
+    rewards, values, response_mask [B, T] -> (advantages, returns) [B, T], 0 off-mask. Responses end where their
+    mask ends, so positions past a response's end never leak into it."""
+    mask = response_mask.to(values.dtype)
+    values = values * mask
+    rewards = rewards * mask
+    advantages = torch.zeros_like(values)
+    next_advantage = torch.zeros_like(values[:, 0])
+    next_value = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
+        next_value = values[:, t]
+        advantages[:, t] = next_advantage
+    return advantages, (advantages + values) * mask
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+           stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (the mean is added back with shift_mean=False). `stats`
+    = (mean, var) computed elsewhere (e.g. over all processes) replaces the local ones."""
+    mask = mask.to(values.dtype)
+    if stats is None:
+        mean = masked_mean(values, mask)
+        var = masked_mean((values - mean) ** 2, mask)
+        n = mask.sum()
+        var = var * n / (n - 1).clamp(min=1)  # unbiased, as torch.var
+    else:
+        mean, var = stats
+    out = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    clip_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate objective (Schulman et al. 2017, eq. 7), as a per-token loss to minimise:
+
+        ratio_t = pi(a_t|s_t) / pi_old(a_t|s_t)
+        L_t = max(-A_t ratio_t, -A_t clip(ratio_t, 1 - eps, 1 + eps))
+
+    -> (loss [same shape], clipped [bool]: where the clipped term was the larger, i.e. the gradient is zero)."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
+    return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip_eps: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipped value loss (PPO2 baselines; used by Ziegler et al. and InstructGPT), per token:
+
+        V_clip = old_V + clip(V - old_V, -eps, eps)
+        L_t = 1/2 max((V - R)^2, (V_clip - R)^2)
+
+    -> (loss, clipped [bool]: where the clipped error was the larger)."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+    unclipped_err = (values - returns) ** 2
+    clipped_err = (clipped_values - returns) ** 2
+    return 0.5 * torch.maximum(unclipped_err, clipped_err), clipped_err > unclipped_err
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the categorical distribution at each position: logits [..., V] -> [...]."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi_old || pi) on tokens sampled from pi_old (the early-stopping signal):
+    (r - 1) - log r with r = pi / pi_old."""
+    log_ratio = logprobs - old_logprobs
+    return torch.expm1(log_ratio) - log_ratio
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var(R - V) / Var(R) over the masked entries: 1 is a perfect critic, 0 no better than a constant."""
+    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    residual = returns - values
+    var_residual = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
+    return 1 - var_residual / var_returns.clamp(min=1e-8)
+
+
+def adaptive_kl_coef(kl_coef: float, observed_kl: float, target: float, horizon: int, n_steps: int) -> float:
+    """The adaptive KL controller of Ziegler et al. 2019 (section 2.2), one update:
+
+        e = clip(KL / KL_target - 1, -0.2, 0.2)
+        beta <- beta * (1 + e * n_steps / horizon)
+
+    observed_kl is the batch's mean KL per response; n_steps the number of responses it came from."""
+    error = min(max(observed_kl / target - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + error * n_steps / horizon)

@@ -275,7 +275,9 @@ class Run:
         return found[-1] if found else None
 
     def save_checkpoint(self, step: int, model, tokenizer, optimizer, scheduler, state: dict,
-                        base_location: Optional[str] = None) -> Path:
+                        base_location: Optional[str] = None, extra: Optional[dict[str, tuple]] = None) -> Path:
+        """checkpoints/step-N/: the model, its optimizer and schedule, every process's RNG, `state`, and for each
+        `extra` part (e.g. PPO's critic: name -> (model, optimizer, scheduler)) the same under its name."""
         acc = self.accelerator
         final = self.checkpoints / f"step-{step:06d}"
         tmp = self.checkpoints / f".tmp-step-{step:06d}"
@@ -285,9 +287,12 @@ class Run:
         acc.wait_for_everyone()
         torch.save(rng_state(), tmp / f"rng-{acc.process_index}.pt")
         if self.is_main:
-            models.save(acc.unwrap_model(model), tokenizer, tmp / "model", base_location)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            parts = {"": (model, optimizer, scheduler), **{f"{k}_": v for k, v in (extra or {}).items()}}
+            for prefix, (part_model, part_optimizer, part_scheduler) in parts.items():
+                models.save(acc.unwrap_model(part_model), tokenizer, tmp / f"{prefix}model",
+                            base_location if prefix == "" else None)
+                torch.save(part_optimizer.state_dict(), tmp / f"{prefix}optimizer.pt")
+                torch.save(part_scheduler.state_dict(), tmp / f"{prefix}scheduler.pt")
             (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, default=_jsonable))
         acc.wait_for_everyone()
         if self.is_main:
@@ -297,7 +302,7 @@ class Run:
         acc.wait_for_everyone()
         return final
 
-    def resume(self, model, optimizer, scheduler) -> dict:
+    def resume(self, model, optimizer, scheduler, extra: Optional[dict[str, tuple]] = None) -> dict:
         """With resume=true, load the newest checkpoint into these objects (before accelerator.prepare) and
         return its state; otherwise (or with none yet) {"step": 0}. Metric rows past that step are dropped."""
         checkpoint = self.latest_checkpoint() if self.cfg.resume else None
@@ -306,13 +311,17 @@ class Run:
                 log.info("resume=true but %s has no checkpoint yet: starting from step 0", self.dir)
                 self._truncate_metrics_after(-1)
             return {"step": 0}
-        return self.load_checkpoint(checkpoint, model, optimizer, scheduler)
+        return self.load_checkpoint(checkpoint, model, optimizer, scheduler, extra)
 
-    def load_checkpoint(self, path: Path, model, optimizer, scheduler) -> dict:
-        """Restore model weights (before accelerator.prepare), optimizer, schedule and this process's RNG."""
-        models.load_trained_weights(model, path / "model")
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    def load_checkpoint(self, path: Path, model, optimizer, scheduler, extra: Optional[dict[str, tuple]] = None
+                        ) -> dict:
+        """Restore model weights (before accelerator.prepare), optimizer, schedule, the `extra` parts and this
+        process's RNG."""
+        parts = {"": (model, optimizer, scheduler), **{f"{k}_": v for k, v in (extra or {}).items()}}
+        for prefix, (part_model, part_optimizer, part_scheduler) in parts.items():
+            models.load_trained_weights(part_model, path / f"{prefix}model")
+            part_optimizer.load_state_dict(torch.load(path / f"{prefix}optimizer.pt", weights_only=False))
+            part_scheduler.load_state_dict(torch.load(path / f"{prefix}scheduler.pt", weights_only=False))
         rng_file = path / f"rng-{self.accelerator.process_index}.pt"
         if not rng_file.is_file():
             raise ConfigError(f"{path}: no RNG state for process {self.accelerator.process_index}; resume with the "

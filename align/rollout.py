@@ -1,0 +1,256 @@
+"""Rollout engines: sample responses from the policy, behind one interface.
+
+    engine = make_engine(cfg.rollout, policy, tokenizer, accelerator)
+    rollout = engine.generate(prompt_ids, sampling)   # -> Rollout (token ids, sampling log-probs, finish reasons)
+    ...update the policy...
+    engine.sync(policy)                               # the next rollout samples from the new weights
+
+    hf     transformers' `generate`: left padding, KV cache, batches of `generation_batch_size` prompts. The
+           engine holds the training model itself, so a sync only bumps the version. CPU and GPU; the default.
+    vllm   TRL's `VLLMGeneration` (colocated in the training processes, or a `vllm serve` server for multi-node).
+           It holds its own copy of the weights: `sync` pushes the policy's (LoRA merged for the push and
+           unmerged after, by TRL) and fails with an error after `sync_timeout` seconds instead of hanging.
+
+Every rollout carries the policy version it was sampled from; the PPO loop checks it against the version it is
+training, and compares the engine's sampling log-probs with its own teacher-forced ones (`logprob_diff`): a stale
+sync or a template mismatch shows up there first.
+Log-probs are of the temperature-scaled distribution, softmax(logits / T), over the whole vocabulary: the
+distribution PPO's ratio uses. top_p/top_k change which tokens are sampled, not these numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+log = logging.getLogger("align")
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    """0 is greedy decoding."""
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 disables top-k."""
+
+
+@dataclass
+class Rollout:
+    """Sampled responses to a batch of prompts (lists, not padded: responses have their own lengths)."""
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    """Each response's tokens, through its stop token when it stopped; nothing after."""
+    logprobs: list[list[float]]
+    """The engine's log-prob of each sampled token under the sampling distribution (same lengths as response_ids)."""
+    finish_reason: list[str]
+    """stop (ended with a stop token) or length (hit max_new_tokens)."""
+    policy_version: int
+    """How many policy updates the weights that sampled this had seen (0: the initial weights)."""
+    seconds: float = 0.0
+    stats: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_response_tokens(self) -> int:
+        return sum(len(r) for r in self.response_ids)
+
+    @property
+    def stopped(self) -> torch.Tensor:
+        """[B] bool: the response ended with a stop token (EOS / end of turn)."""
+        return torch.tensor([reason == "stop" for reason in self.finish_reason])
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """EOS and end-of-turn ids: the tokenizer's EOS and whatever the model's generation config stops on."""
+    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None)
+    for i in extra if isinstance(extra, (list, tuple)) else [extra]:
+        if i is not None and i not in ids:
+            ids.append(int(i))
+    if not ids:
+        raise ValueError("the tokenizer has no EOS token and the model's generation config names none: responses "
+                         "could never stop")
+    return ids
+
+
+def cut_at_stop(tokens: Sequence[int], stop_ids: Sequence[int]) -> tuple[list[int], str]:
+    """The response through its first stop token, and why it ended."""
+    for i, tok in enumerate(tokens):
+        if tok in stop_ids:
+            return list(tokens[: i + 1]), "stop"
+    return list(tokens), "length"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# transformers generate
+
+
+class HFEngine:
+    name = "hf"
+
+    def __init__(self, model, tokenizer, generation_batch_size: int = 64):
+        self.model = model  # the training model (unwrapped); it is also what generates
+        self.tokenizer = tokenizer
+        self.stop_ids = stop_token_ids(tokenizer, model)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.generation_batch_size = generation_batch_size
+        self.version = 0
+
+    def _generation_config(self, sampling: Sampling):
+        from transformers import GenerationConfig
+
+        greedy = sampling.temperature == 0
+        # Every sampling knob is set explicitly: a value left unset would be filled from the model's own
+        # generation_config (SmolLM2 ships top_p=0.9, temperature=0.2), silently changing what is sampled.
+        return GenerationConfig(
+            max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
+            temperature=1.0 if greedy else sampling.temperature, top_p=1.0 if greedy else sampling.top_p,
+            top_k=0 if greedy else sampling.top_k, min_p=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+            num_beams=1, eos_token_id=self.stop_ids, pad_token_id=self.pad_id, use_cache=True,
+            return_dict_in_generate=True, output_logits=True,
+        )
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> Rollout:
+        import time
+
+        start = time.perf_counter()
+        model = self.model
+        was_training = model.training
+        model.eval()
+        config = self._generation_config(sampling)
+        device = next(model.parameters()).device
+        out_ids, out_logps, reasons = [], [], []
+        try:
+            for first in range(0, len(prompts), self.generation_batch_size):
+                part = prompts[first: first + self.generation_batch_size]
+                width = max(len(p) for p in part)
+                ids = torch.full((len(part), width), self.pad_id, dtype=torch.long)
+                mask = torch.zeros((len(part), width), dtype=torch.long)
+                for row, p in enumerate(part):  # left padding: every prompt ends where generation starts
+                    ids[row, width - len(p):] = torch.tensor(p)
+                    mask[row, width - len(p):] = 1
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     generation_config=config)
+                new = out.sequences[:, width:].cpu()
+                logits = torch.stack(out.logits, dim=1).float()  # [b, n, V]: the raw next-token logits
+                if sampling.temperature > 0:
+                    logits = logits / sampling.temperature
+                logps = torch.log_softmax(logits, -1).gather(-1, new.to(logits.device).unsqueeze(-1)).squeeze(-1)
+                for row in range(len(part)):
+                    tokens, reason = cut_at_stop(new[row].tolist(), self.stop_ids)
+                    out_ids.append(tokens)
+                    out_logps.append(logps[row, : len(tokens)].cpu().tolist())
+                    reasons.append(reason)
+        finally:
+            model.train(was_training)
+        return Rollout([list(p) for p in prompts], out_ids, out_logps, reasons, self.version,
+                       time.perf_counter() - start)
+
+    def sync(self, model) -> None:
+        """The engine generates with the training model itself: nothing to copy."""
+        self.model = model
+        self.version += 1
+
+    def close(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------------------------------------------
+# vLLM through TRL
+
+
+class VLLMEngine:
+    """vLLM via TRL's `VLLMGeneration`, which handles colocated engines, the server client, FSDP/ZeRO-3 gathering and
+    the LoRA merge/unmerge around a weight push. Sampling settings are fixed when the engine is built."""
+
+    name = "vllm"
+
+    def __init__(self, model, tokenizer, accelerator, sampling: Sampling, mode: str = "colocate",
+                 gpu_memory_utilization: float = 0.5, enable_sleep_mode: bool = False,
+                 server_base_url: Optional[str] = None, server_timeout: float = 240.0,
+                 max_model_length: Optional[int] = None, sync_timeout: float = 600.0):
+        try:
+            from trl.generation.vllm_generation import VLLMGeneration
+        except ImportError as err:  # trl is a dependency; vllm is not
+            raise RuntimeError(f"rollout.engine=vllm needs TRL's vLLM integration and vllm: {err}") from None
+        self.tokenizer = tokenizer
+        self.stop_ids = stop_token_ids(tokenizer, model)
+        self.sampling = sampling
+        self.sync_timeout = sync_timeout
+        self.generator = VLLMGeneration(
+            model=model, accelerator=accelerator, processing_class=tokenizer, mode=mode,
+            server_base_url=server_base_url, server_timeout=server_timeout,
+            gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode,
+            max_model_length=max_model_length, temperature=sampling.temperature if sampling.temperature > 0 else 0.0,
+            top_p=sampling.top_p, top_k=sampling.top_k, max_completion_length=sampling.max_new_tokens, logprobs=0,
+        )
+        self.version = -1  # vLLM loaded the weights from disk: the policy's current ones are pushed first
+        self.sync(model)
+        self.version = 0
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> Rollout:
+        import time
+
+        if sampling != self.sampling:
+            raise ValueError(f"the vllm engine was built for {self.sampling}; got {sampling}")
+        start = time.perf_counter()
+        _, completions, logprobs, _ = self.generator.generate([list(p) for p in prompts], None, 1)
+        out_ids, out_logps, reasons = [], [], []
+        for tokens, lps in zip(completions, logprobs):
+            kept, reason = cut_at_stop(tokens, self.stop_ids)
+            out_ids.append(kept)
+            out_logps.append([float(step[0]) for step in lps[: len(kept)]])
+            reasons.append(reason)
+        return Rollout([list(p) for p in prompts], out_ids, out_logps, reasons, self.version,
+                       time.perf_counter() - start)
+
+    def sync(self, model) -> None:
+        """Push the policy's weights; an error or `sync_timeout` seconds without finishing raises."""
+        self.generator.model = model
+        failure: list[BaseException] = []
+
+        def push():
+            try:
+                self.generator.sync_weights()
+            except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+                failure.append(err)
+
+        worker = threading.Thread(target=push, name="vllm-weight-sync", daemon=True)
+        worker.start()
+        worker.join(self.sync_timeout)
+        if worker.is_alive():
+            raise TimeoutError(f"vLLM weight sync did not finish in {self.sync_timeout:.0f} s (rollout.sync_timeout); "
+                               f"the engine may be stuck or the server unreachable")
+        if failure:
+            raise RuntimeError(f"vLLM weight sync failed: {failure[0]}") from failure[0]
+        self.version += 1
+
+    def close(self) -> None:
+        llm = getattr(self.generator, "llm", None)
+        if llm is not None:
+            del self.generator.llm
+
+
+def make_engine(cfg, model, tokenizer, accelerator, sampling: Sampling):
+    """The engine a recipe's `rollout` section asks for (see config.RolloutConfig)."""
+    if cfg.engine == "hf":
+        return HFEngine(model, tokenizer, cfg.generation_batch_size)
+    if not torch.cuda.is_available() and cfg.vllm.mode == "colocate":
+        raise RuntimeError("rollout.engine=vllm with vllm.mode=colocate needs a CUDA GPU; this machine has none "
+                           "(use rollout.engine=hf)")
+    v = cfg.vllm
+    return VLLMEngine(model, tokenizer, accelerator, sampling, mode=v.mode,
+                      gpu_memory_utilization=v.gpu_memory_utilization, enable_sleep_mode=v.enable_sleep_mode,
+                      server_base_url=v.server_base_url, server_timeout=v.server_timeout,
+                      max_model_length=v.max_model_length, sync_timeout=v.sync_timeout)
