@@ -574,6 +574,9 @@ class RolloutConfig:
             raise ConfigError(f"{at}.top_p: must be in (0, 1]; got {self.top_p}")
         positive(f"{at}.top_k", self.top_k, allow_zero=True)
         positive(f"{at}.generation_batch_size", self.generation_batch_size)
+        if self.engine == "vllm" and (self.top_p < 1 or self.top_k):
+            raise ConfigError(f"{at}.engine=vllm reports log-probs after top-p/top-k masking, which the trainer's "
+                              f"full-softmax log-probs cannot match; leave {at}.top_p=1 and {at}.top_k=0")
 
 
 @dataclass
@@ -683,6 +686,9 @@ class PPOConfig:
         if mini % self.train.micro_batch_size:
             raise ConfigError(f"ppo.mini_batch_size={mini} is not a multiple of "
                               f"train.micro_batch_size={self.train.micro_batch_size}")
+        if self.rollout.engine == "vllm" and self.model.init == "random":
+            raise ConfigError("rollout.engine=vllm loads the policy's weights from model.name_or_path; model.init=random "
+                              "has none there (use rollout.engine=hf)")
         if self.critic.init == "reward" and self.reward.model is None:
             raise ConfigError("critic.init=reward needs reward.model (a rule has no weights to start from); "
                               "use critic.init=policy")

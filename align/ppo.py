@@ -256,7 +256,8 @@ def score(reward, prompts: Sequence[Prompt], texts: Sequence[str]) -> torch.Tens
 def evaluate(cfg: PPOConfig, policy, frozen_ref, engine, reward, prompts: list[Prompt], tokenizer, accelerator,
              sampling: rollout.Sampling) -> dict:
     """Mean reward, KL to the reference (summed k1 per response), response length and EOS rate on held-out prompts,
-    sampled with a fixed seed (the same draws before and after training; training's RNG is left untouched)."""
+    sampled with a fixed torch seed (with hf, the same random draws before and after training; vLLM keeps its own
+    generator). Training's RNG is left untouched."""
     mine = data.shard(prompts, accelerator.process_index, accelerator.num_processes)
     with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
         torch.manual_seed(cfg.seed + 7919 + accelerator.process_index)
@@ -313,7 +314,13 @@ def main(cfg: PPOConfig) -> dict:
     sampler = data.StepSampler(len(prompts), cfg.train.batch_size, cfg.seed)
     num_steps = train.total_steps(cfg.train, sampler.steps_per_epoch)
 
-    policy = models.load_causal_lm(cfg.model, cfg.lora, cfg.seed, cfg.train.gradient_checkpointing)
+    policy_cfg = cfg.model
+    if cfg.rollout.engine == "vllm" and cfg.lora.enabled and cfg.model.dtype == "auto":
+        # Every sync merges the adapters into the base and unmerges them (TRL): in bf16 that rounds the base, which
+        # is also the KL reference, a little more each time. float32 keeps the round trip exact.
+        log.info("model.dtype=auto with LoRA and vLLM rollouts: the base stays in float32 (exact merge/unmerge)")
+        policy_cfg = dataclass_replace(cfg.model, dtype="float32")
+    policy = models.load_causal_lm(policy_cfg, cfg.lora, cfg.seed, cfg.train.gradient_checkpointing)
     frozen_ref = None
     if cfg.reference is not None:
         frozen_ref = models.load_causal_lm(cfg.reference, LoraConfig(), cfg.seed)

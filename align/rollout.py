@@ -15,7 +15,9 @@ Every rollout carries the policy version it was sampled from; the PPO loop check
 training, and compares the engine's sampling log-probs with its own teacher-forced ones (`logprob_diff`): a stale
 sync or a template mismatch shows up there first.
 Log-probs are of the temperature-scaled distribution, softmax(logits / T), over the whole vocabulary: the
-distribution PPO's ratio uses. top_p/top_k change which tokens are sampled, not these numbers.
+distribution PPO's ratio uses. With hf, top_p/top_k change which tokens are sampled, not these numbers; vLLM
+(through TRL) reports log-probs after its top-p/top-k masking, so with vllm they must stay off (the config says
+so) or the probe would read a difference that is not staleness.
 """
 
 from __future__ import annotations
@@ -206,11 +208,17 @@ class VLLMEngine:
             raise ValueError(f"the vllm engine was built for {self.sampling}; got {sampling}")
         start = time.perf_counter()
         _, completions, logprobs, _ = self.generator.generate([list(p) for p in prompts], None, 1)
+        if logprobs is None:
+            raise RuntimeError("vLLM returned no sampling log-probs (TRL's VLLMGeneration was built with logprobs=0)")
         out_ids, out_logps, reasons = [], [], []
         for tokens, lps in zip(completions, logprobs):
             kept, reason = cut_at_stop(tokens, self.stop_ids)
+            values = [step[0] for step in lps[: len(kept)]]
+            if any(v is None for v in values):
+                raise RuntimeError("vLLM returned a missing (NaN) sampling log-prob: the policy's weights or logits "
+                                   "are not finite")
             out_ids.append(kept)
-            out_logps.append([float(step[0]) for step in lps[: len(kept)]])
+            out_logps.append([float(v) for v in values])
             reasons.append(reason)
         return Rollout([list(p) for p in prompts], out_ids, out_logps, reasons, self.version,
                        time.perf_counter() - start)
@@ -219,9 +227,13 @@ class VLLMEngine:
         """Push the policy's weights; an error or `sync_timeout` seconds without finishing raises."""
         self.generator.model = model
         failure: list[BaseException] = []
+        # The CUDA current device is per thread: the pushing thread must use this process's GPU, not cuda:0.
+        device = torch.cuda.current_device() if torch.cuda.is_available() else None
 
         def push():
             try:
+                if device is not None:
+                    torch.cuda.set_device(device)
                 self.generator.sync_weights()
             except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
                 failure.append(err)

@@ -1,0 +1,248 @@
+"""align.ppo and the hf rollout engine end to end on tiny random models (seconds each)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from align import data, formats, ppo, rollout
+from align.config import ConfigError, PPOConfig, load_config
+from align.formats import DataError
+
+from helpers import TINY, tiny_causal_lm
+
+TINY_PPO = "recipes/tiny/ppo.yaml"
+# The toy task: the length rule pays 0.01 per character, so the policy should learn to pick long tokens. With a
+# weak KL penalty and a high learning rate a random 2-layer model learns it within a dozen iterations.
+TOY = ["ppo.kl_coef=0.001", "train.learning_rate=1e-2", "ppo.ppo_epochs=4"]
+
+
+def run(tmp_path, name, *overrides, recipe=TINY_PPO):
+    cfg = load_config(PPOConfig, recipe, [f"output_dir={tmp_path / name}", "log.progress=false", *overrides])
+    return cfg, ppo.main(cfg)
+
+
+def rows(folder, key="reward/score"):
+    return [r for r in map(json.loads, open(folder / "metrics.jsonl")) if key in r]
+
+
+def recipe_with_reward_model(tmp_path, folder) -> str:
+    """The tiny recipe with a reward-model folder in place of its rule."""
+    import yaml
+
+    recipe = yaml.safe_load(open(TINY_PPO))
+    recipe["reward"] = {"model": str(folder)}
+    path = tmp_path / "ppo_rm.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def write_jsonl(path, rows_):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows_))
+    return path
+
+
+# ---- the hf engine --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_hf_engine_logprobs_equal_teacher_forced_logprobs(tiny_tokenizer, temperature):
+    """The engine's sampling log-probs (KV cache, left padding, prompts of different lengths) equal the policy's
+    log-probs of the same tokens recomputed by a packed teacher-forced forward: the probe reads ~0 when in sync."""
+    model = tiny_causal_lm(init_std=0.1, seed=1)
+    engine = rollout.HFEngine(model, tiny_tokenizer, generation_batch_size=4)
+    prompts = [tiny_tokenizer(t)["input_ids"] for t in ["Hello there", "A much longer prompt than the first one is",
+                                                        "x", "What is two plus two?", "Tell me a story"]]
+    torch.manual_seed(0)
+    ro = engine.generate(prompts, rollout.Sampling(max_new_tokens=12, temperature=temperature))
+    assert len(ro) == 5 and ro.policy_version == 0
+    assert all(len(r) == len(lp) > 0 for r, lp in zip(ro.response_ids, ro.logprobs))
+    logps, _ = ppo.response_logprobs(model, ppo.sequences(ro, range(len(ro))), temperature,
+                                     tiny_tokenizer.pad_token_id, "cpu")
+    engine_logps = torch.tensor([x for lp in ro.logprobs for x in lp])
+    assert torch.allclose(logps, engine_logps, atol=1e-4), (logps - engine_logps).abs().max()
+    # and the probe is not blind: another model's log-probs differ clearly
+    other, _ = ppo.response_logprobs(tiny_causal_lm(init_std=0.1, seed=2), ppo.sequences(ro, range(len(ro))),
+                                     temperature, tiny_tokenizer.pad_token_id, "cpu")
+    assert (other - engine_logps).abs().mean() > 0.1
+
+
+def test_hf_engine_stops_at_eos_and_marks_finish_reasons(tiny_tokenizer):
+    """A model pushed to emit EOS stops after one token ('stop', the stop token kept); without the push a random
+    model runs to max_new_tokens ('length')."""
+    model = tiny_causal_lm(seed=1)
+    engine = rollout.HFEngine(model, tiny_tokenizer)
+    sampling = rollout.Sampling(max_new_tokens=5)
+    ro = engine.generate([[5, 6, 7], [8]], sampling)
+    assert ro.finish_reason == ["length", "length"] and [len(r) for r in ro.response_ids] == [5, 5]
+    push = torch.zeros(model.config.vocab_size)
+    push[tiny_tokenizer.eos_token_id] = 100.0
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: out + push)
+    try:
+        ro = engine.generate([[5, 6, 7], [8]], sampling)
+    finally:
+        hook.remove()
+    assert ro.response_ids == [[tiny_tokenizer.eos_token_id]] * 2 and ro.finish_reason == ["stop", "stop"]
+    assert ro.stopped.tolist() == [True, True]
+    assert rollout.cut_at_stop([4, 9, 9], [2]) == ([4, 9, 9], "length")
+    assert rollout.cut_at_stop([4, 2, 9, 2], [2]) == ([4, 2], "stop")
+
+
+# ---- the loop ---------------------------------------------------------------------------------------------------
+
+def test_toy_task_reward_rises_while_kl_stays_finite(tmp_path):
+    _, report = run(tmp_path, "toy", *TOY, "train.max_steps=15")
+    logged = rows(tmp_path / "toy")
+    scores = [r["reward/score"] for r in logged]
+    assert len(scores) == 15
+    assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + 0.2, scores
+    assert report["after"]["reward/val"] > report["before"]["reward/val"] + 0.2
+    assert all(torch.isfinite(torch.tensor(r["kl/ref"])) for r in logged)
+    assert logged[0]["kl/ref"] == 0.0  # the first rollout comes from the reference weights themselves
+    assert max(r["rollout/logprob_diff"] for r in logged) < 1e-4
+    assert report["before"]["kl/val"] == 0.0 and report["after"]["kl/val"] > 0
+    assert (tmp_path / "toy" / "model" / "model.safetensors").is_file()
+    assert set(report["seconds"]) == {"rollout", "score", "forward", "update"}
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_resume_mid_epoch_and_at_epoch_boundary_reproduce_the_uninterrupted_run(tmp_path, lora):
+    """64 prompts in batches of 16: 4 iterations per epoch. Checkpoints after iterations 2 (mid-epoch) and 4 (the
+    epoch boundary); resuming from either reproduces the whole run's metrics and final weights exactly. The KL
+    reference stays the initial weights (a frozen copy, or the base under LoRA), not the checkpoint's."""
+    from safetensors.torch import load_file
+
+    common = ["train.max_steps=6", "train.save_every=2", "train.keep_checkpoints=5", "overwrite=false",
+              "ppo.normalize_reward=true", "ppo.adaptive_kl=true", "ppo.kl_target=0.5", "ppo.kl_horizon=100",
+              "ppo.missing_eos_penalty=0.5", *(["lora.enabled=true", "lora.r=4"] if lora else [])]
+    run(tmp_path, "whole", *common)
+    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    want_rows = [(r["step"], r["reward/score"], r["loss/policy"], r["loss/value"], r["kl/coef"])
+                 for r in rows(tmp_path / "whole")]
+    assert len(want_rows) == 6 and want_rows[-1][4] != want_rows[0][4]  # the adaptive coefficient moved
+    for name, keep in (("mid-epoch", "step-000002"), ("boundary", "step-000004")):
+        crashed = tmp_path / name
+        shutil.copytree(tmp_path / "whole", crashed)
+        for ckpt in (crashed / "checkpoints").glob("step-*"):
+            if ckpt.name > keep:
+                shutil.rmtree(ckpt)
+        shutil.rmtree(crashed / "model")
+        (crashed / "report.json").unlink()
+        cfg = load_config(PPOConfig, TINY_PPO, [f"output_dir={crashed}", "log.progress=false", *common,
+                                                "resume=true"])
+        ppo.main(cfg)
+        got = [(r["step"], r["reward/score"], r["loss/policy"], r["loss/value"], r["kl/coef"]) for r in rows(crashed)]
+        assert got == want_rows, name
+        a, b = (load_file(d / "model" / weights) for d in (tmp_path / "whole", crashed))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_a_stale_engine_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(rollout.HFEngine, "sync", lambda self, model: None)  # forgets to take the new weights
+    with pytest.raises(RuntimeError, match="stale"):
+        run(tmp_path, "stale", "train.max_steps=2")
+
+
+# ---- models -----------------------------------------------------------------------------------------------------
+
+def _reward_folder(tmp_path, tokenizer, name="rm"):
+    from transformers import AutoModelForSequenceClassification, LlamaConfig
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(5)
+    folder = tmp_path / name
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_critic_starts_from_a_compatible_reward_model_else_from_the_policy(tmp_path, tiny_tokenizer, smol_tokenizer):
+    from safetensors.torch import load_file
+
+    same = _reward_folder(tmp_path, tiny_tokenizer, "same-tokenizer")
+    cfg = load_config(PPOConfig, recipe_with_reward_model(tmp_path, same), [f"output_dir={tmp_path / 'x'}"])
+    critic, source = ppo.load_critic(cfg, str(TINY), tiny_tokenizer)
+    assert source == "reward"
+    rm = load_file(same / "model.safetensors")
+    assert torch.equal(critic.model.embed_tokens.weight, rm["model.embed_tokens.weight"])
+    assert torch.equal(critic.score.weight, rm["score.weight"])  # the reward head starts the value head
+
+    other = _reward_folder(tmp_path, smol_tokenizer, "other-tokenizer")
+    cfg.reward.model = str(other)
+    assert ppo.load_critic(cfg, str(TINY), tiny_tokenizer)[1] == "policy"
+    cfg.critic.init = "reward"
+    with pytest.raises(ConfigError, match="another tokenizer"):
+        ppo.load_critic(cfg, str(TINY), tiny_tokenizer)
+
+
+def test_reward_model_folder_scores_with_its_own_tokenizer(tmp_path, tiny_tokenizer):
+    """A run with a reward-model folder (not a rule): scores come from it, and the critic starts from it."""
+    folder = _reward_folder(tmp_path, tiny_tokenizer)
+    _, report = run(tmp_path, "rm", "train.max_steps=2", recipe=recipe_with_reward_model(tmp_path, folder))
+    assert report["critic_init"] == "reward"
+    assert len({r["reward/score"] for r in rows(tmp_path / "rm")}) == 2
+
+
+# ---- bad input --------------------------------------------------------------------------------------------------
+
+def test_prompt_longer_than_the_limit_is_an_error_naming_its_line(tmp_path):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "short one"}] * 3 + [{"prompt": "long " * 300}]
+                          + [{"prompt": "short two"}] * 20)
+    with pytest.raises(DataError, match=r"prompts\.jsonl:4: the prompt is \d+ tokens, longer than "
+                                        r"data\.max_prompt_length=64"):
+        run(tmp_path, "long", f"data.train.path={prompts}", "data.train.limit=null", "data.max_prompt_length=64")
+    assert not (tmp_path / "long").exists()  # nothing written on bad input
+    _, report = run(tmp_path, "dropped", f"data.train.path={prompts}", "data.train.limit=null",
+                    "data.max_prompt_length=64", "data.truncation=drop", "train.max_steps=1")
+    assert report["data"]["train"]["dropped"] == {"prompt longer than max_prompt_length": 1}
+
+
+def test_missing_reward_model_and_bad_reward_settings_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"reward\.model=.*nowhere.*align\.rm"):
+        run(tmp_path, "a", recipe=recipe_with_reward_model(tmp_path, tmp_path / "nowhere"))
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(ConfigError, match="exactly one of reward.model"):
+        load_config(PPOConfig, TINY_PPO, ["output_dir=x", "reward.model=somewhere"])
+    with pytest.raises(ConfigError, match="critic.init=reward needs reward.model"):
+        load_config(PPOConfig, TINY_PPO, ["output_dir=x", "critic.init=reward"])
+    with pytest.raises(ConfigError, match="ppo.mini_batch_size=6 must divide"):
+        load_config(PPOConfig, TINY_PPO, ["output_dir=x", "ppo.mini_batch_size=6"])
+    with pytest.raises(ConfigError, match="reward.rule=length"):
+        run(tmp_path, "b", "reward.rule_args={nonsense: 1}")
+
+
+# ---- pieces -----------------------------------------------------------------------------------------------------
+
+def test_running_moments_equal_the_statistics_of_everything_seen():
+    moments = ppo.RunningMoments()
+    seen = [torch.randn(n) * 3 + 1 for n in (5, 1, 17, 8)]
+    for x in seen:
+        moments.update(x)
+    everything = torch.cat(seen).double()
+    assert moments.mean == pytest.approx(everything.mean().item())
+    assert moments.std == pytest.approx(everything.std().item())
+
+
+def test_prompt_formats_take_the_turns_before_the_last_answer(tmp_path):
+    path = write_jsonl(tmp_path / "mixed.jsonl", [
+        {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant: fine",
+         "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant: bad"}])
+    (ex,) = formats.convert_records(formats.read_records(str(path)), "auto", "prompt")
+    assert ex.prompt == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                         {"role": "user", "content": "how are you?"}]
+    path = write_jsonl(tmp_path / "q.jsonl", [{"question": "2+2?", "answer": "#### 4"}])
+    (ex,) = formats.convert_records(formats.read_records(str(path)), "auto", "prompt")
+    assert ex.prompt == [{"role": "user", "content": "2+2?"}]
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": [{"role": "assistant", "content": "I speak first"}]}])
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: field 'prompt'"):
+        formats.convert_records(formats.read_records(str(path)), "auto", "prompt")
+
+
+def test_to_rows_and_from_rows_round_trip():
+    flat = torch.arange(6.0)
+    rows_ = ppo.to_rows(flat, [3, 1, 2], 3)
+    assert rows_.tolist() == [[0, 1, 2], [3, 0, 0], [4, 5, 0]]
+    assert ppo.from_rows(rows_, [2, 0], [3, 1, 2]).tolist() == [4, 5, 0, 1, 2]
+    assert data.chunks([1, 2, 3], 2) == [[1, 2], [3]]
