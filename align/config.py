@@ -687,8 +687,8 @@ class PPOConfig:
             raise ConfigError(f"ppo.mini_batch_size={mini} is not a multiple of "
                               f"train.micro_batch_size={self.train.micro_batch_size}")
         if self.rollout.engine == "vllm" and self.model.init == "random":
-            raise ConfigError("rollout.engine=vllm loads the policy's weights from model.name_or_path; model.init=random "
-                              "has none there (use rollout.engine=hf)")
+            raise ConfigError("rollout.engine=vllm loads the policy's weights from model.name_or_path; "
+                              "model.init=random has none there (use rollout.engine=hf)")
         if self.critic.init == "reward" and self.reward.model is None:
             raise ConfigError("critic.init=reward needs reward.model (a rule has no weights to start from); "
                               "use critic.init=policy")
