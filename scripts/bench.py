@@ -2,6 +2,7 @@
 
     python scripts/bench.py sft [--steps 30] [--rounds 2] [--out bench]
     python scripts/bench.py rm | dpo
+    python scripts/bench.py ppo [--steps 6] [--batch 8] [--max-new-tokens 32] [--ppo-epochs 2]
     python scripts/bench.py all
 
 Each stage's benchmark runs both sides in turn, interleaved over `--rounds` (align, TRL, align, TRL...; two
@@ -13,6 +14,12 @@ one JSON object, e.g. {"stage": "sft", "ratio": align_over_trl, ...}.
 TRL runs in its best configuration for the machine, not its defaults: on a CPU float32, no gradient
 checkpointing, padding-free batches (its defaults, bf16 and checkpointing, are ~30x slower on a CPU without
 bf16 instructions).
+
+ppo runs align.ppo (hf generate, a critic, a frozen reference) against TRL's RLOOTrainer (TRL 1.x has no PPO
+trainer; RLOO is its nearest on-policy peer) on the same model, prompts, reward rule (`length`), prompts per
+iteration, response length limit and passes per batch. RLOO samples at least two responses per prompt and has no
+critic, so the two do different work per prompt: throughput is generated responses (prompt-response samples) per
+second, and the table splits each side's iteration into rollout, scoring, log-prob forwards and update.
 """
 
 from __future__ import annotations
@@ -183,7 +190,7 @@ def bench_sft(args, peak: float) -> dict:
     tokenizer = models.load_tokenizer(ModelConfig(name_or_path=SMOLLM2))
     work = Path(tempfile.mkdtemp(prefix="align-bench-sft-"))
     n_body, n_head, n_total = bench_model(work / "model", tokenizer)
-    batch, steps, lr = args.batch, args.steps, 1e-3
+    batch, steps, lr = args.batch, args.steps or 30, 1e-3
     records = _sft_examples(tokenizer, batch * steps, args.max_length)
     if len(records) < batch * steps:
         raise SystemExit(f"only {len(records)} examples fit max_length={args.max_length}; lower --steps")
@@ -348,7 +355,7 @@ def bench_rm(args, peak: float) -> dict:
     from align import data, formats, models
     from align.config import DataSource, ModelConfig
 
-    batch, steps, lr, max_length = args.batch * 2, args.steps, 3e-5, args.max_length
+    batch, steps, lr, max_length = args.batch * 2, args.steps or 30, 3e-5, args.max_length
     tokenizer = models.load_tokenizer(ModelConfig(name_or_path=MINILM))
     records = [r.data for r in formats.read_records(str(ROOT / "data" / "hh_harmless.jsonl"))]
     records = [r for r in records if not r["chosen"].rstrip().endswith("Assistant:")][: batch * steps]
@@ -479,7 +486,7 @@ def bench_dpo(args, peak: float) -> dict:
     tokenizer = models.load_tokenizer(ModelConfig(name_or_path=SMOLLM2))
     work = Path(tempfile.mkdtemp(prefix="align-bench-dpo-"))
     n_body, n_head, n_total = bench_model(work / "model", tokenizer)
-    batch, steps, lr = args.batch, args.steps, 1e-4
+    batch, steps, lr = args.batch, args.steps or 30, 1e-4
     picked = _dpo_records(tokenizer, batch * steps, args.max_length)
     if len(picked) < batch * steps:
         raise SystemExit(f"only {len(picked)} pairs fit max_length={args.max_length}; lower --steps")
@@ -535,7 +542,216 @@ def bench_dpo(args, peak: float) -> dict:
     }
 
 
+# --------------------------------------------------------------------------------------------------------------
+# PPO (against TRL's RLOO: TRL 1.x has no PPO trainer; RLOO is its nearest on-policy peer)
+
+PPO_RULE = {"per_char": 0.01}  # reward_models.rules.LengthReward: 0.01 per character of the response, both sides
+PPO_BETA = 0.05  # the KL weight (align's ppo.kl_coef default, TRL's beta default): both sides run a reference
+
+
+def _ppo_prompts(tokenizer, count: int, max_length: int) -> list:
+    """GSM8K questions whose chat-rendered prompt fits max_length tokens, in file order (PromptExamples). TRL renders
+    and tokenizes prompts itself: the ids must be align's, checked here."""
+    from align import data, formats
+
+    chosen = []
+    for record in formats.read_records(str(ROOT / "data" / "gsm8k_400.jsonl")):
+        (example,) = formats.convert_records([record], "auto", "prompt")
+        ids = data.prompt_ids(tokenizer, example.prompt)
+        trl_ids = tokenizer.apply_chat_template(conversation=[example.prompt], add_generation_prompt=True,
+                                                tokenize=True, return_dict=True)["input_ids"][0]
+        if list(trl_ids) != ids:
+            raise SystemExit(f"bench ppo: {example.origin}: TRL's prompt tokens differ from align's")
+        if len(ids) <= max_length:
+            chosen.append((record.data, example, len(ids)))
+        if len(chosen) == count:
+            break
+    return chosen
+
+
+def _run_align_ppo(model_dir: Path, data_file: Path, out: Path, iterations: int, batch: int, epochs: int,
+                   max_new_tokens: int, lr: float) -> dict:
+    from align import ppo
+    from align.config import PPOConfig, load_config
+
+    reset_accelerate()
+    cfg = load_config(PPOConfig, None, [
+        f"output_dir={out}", "overwrite=true", f"model.name_or_path={model_dir}", f"data.train.path={data_file}",
+        "data.max_prompt_length=100000", "reward.rule=length",
+        *(f"reward.rule_args.{k}={v}" for k, v in PPO_RULE.items()),
+        "rollout.engine=hf", f"rollout.max_new_tokens={max_new_tokens}", f"rollout.generation_batch_size={batch}",
+        "rollout.temperature=1.0", "rollout.top_p=1.0", "rollout.top_k=0", f"ppo.ppo_epochs={epochs}",
+        f"ppo.mini_batch_size={batch}", f"ppo.kl_coef={PPO_BETA}", "critic.init=policy", "lora.enabled=false",
+        f"train.batch_size={batch}", f"train.micro_batch_size={batch}", f"train.max_steps={iterations}",
+        f"train.learning_rate={lr}", "train.scheduler=constant", "train.precision=fp32", "eval_samples=0",
+        "log.every=1", "log.report_to=[]", "log.progress=false", "save_merged=false",
+    ])
+    report = ppo.main(cfg)
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl") if "perf/samples_per_s" in line]
+    if len(rows) != iterations or any(r["ppo/updates"] != epochs for r in rows):  # no early stop: target_kl is off
+        raise RuntimeError(f"bench ppo: align ran {[r['ppo/updates'] for r in rows]} optimizer steps per iteration; "
+                           f"expected {iterations} iterations of {epochs}")
+    # An iteration's phases (perf/*_s) leave out only phase 6 (metrics, the engine's sync): well under 1%.
+    return {"iteration_s": [batch / r["perf/samples_per_s"] for r in rows],
+            "rollout_s": [r["perf/rollout_s"] for r in rows], "score_s": [r["perf/score_s"] for r in rows],
+            "forward_s": [r["perf/forward_s"] for r in rows], "update_s": [r["perf/update_s"] for r in rows],
+            "response_tokens": [r["perf/rollout_tokens_per_s"] * r["perf/rollout_s"] for r in rows],
+            "reward": [r["reward/score"] for r in rows], "report_seconds": report["seconds"]}
+
+
+def _run_trl_rloo(model_dir: Path, prompts: list, out: Path, iterations: int, batch: int, epochs: int,
+                  max_new_tokens: int, lr: float) -> dict:
+    """TRL's RLOOTrainer with transformers generate: `batch` prompts per generation, two completions each (RLOO's
+    minimum), the whole generation batch in one optimizer step, `epochs` passes over it (num_iterations)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import RLOOConfig, RLOOTrainer
+
+    from reward_models.rules import load_rule, response_text
+
+    reset_accelerate()
+    rule = load_rule("length", **PPO_RULE)
+
+    def length(prompts, completions, **kwargs):
+        # align scores decode(skip_special_tokens=True).strip(); TRL's completions are that decode, unstripped
+        return rule.score(prompts, [response_text(c).strip() for c in completions]).tolist()
+
+    generations = 2
+    args = RLOOConfig(
+        output_dir=str(out), max_steps=iterations * epochs, per_device_train_batch_size=batch * generations,
+        gradient_accumulation_steps=1, steps_per_generation=1, num_generations=generations, num_iterations=epochs,
+        max_completion_length=max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, beta=PPO_BETA, epsilon=0.2,
+        learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True, use_vllm=False, shuffle_dataset=False,
+        disable_dropout=True, logging_steps=1, report_to="none", save_strategy="no", dataloader_num_workers=0,
+        seed=0, disable_tqdm=True,
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    clock = step_clock()
+    trainer = RLOOTrainer(model=model, reward_funcs=length, args=args,
+                          train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
+                          processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[clock])
+
+    # Phase clocks around TRL's own methods (one call each per generation batch): rollout is _generate (tokenize,
+    # generate, decode), score the reward function call, forward the rest of _generate_and_score_completions
+    # (old and reference log-probs, advantages); update is whatever else the iteration took.
+    phases = {"rollout_s": [], "score_s": [], "generate_and_score_s": [], "response_tokens": []}
+
+    def timed(name, fn, tokens=False):
+        def wrapper(*a, **kw):
+            start = time.perf_counter()
+            result = fn(*a, **kw)
+            phases[name].append(time.perf_counter() - start)
+            if tokens:
+                phases["response_tokens"].append(sum(len(c) for c in result[1]))
+            return result
+        return wrapper
+
+    trainer._generate = timed("rollout_s", trainer._generate, tokens=True)
+    trainer._calculate_rewards = timed("score_s", trainer._calculate_rewards)
+    trainer._generate_and_score_completions = timed("generate_and_score_s", trainer._generate_and_score_completions)
+    trainer.train()
+    marks = clock.marks[::epochs]  # an iteration: one generation, then `epochs` optimizer steps
+    iteration_s = [b - a for a, b in zip(marks, marks[1:])]
+    if len(iteration_s) != iterations or len(phases["rollout_s"]) != iterations:
+        raise RuntimeError(f"bench ppo: TRL ran {len(iteration_s)} iterations and {len(phases['rollout_s'])} "
+                           f"generations; expected {iterations}")
+    forward_s = [g - r - s for g, r, s in zip(phases["generate_and_score_s"], phases["rollout_s"], phases["score_s"])]
+    return {"iteration_s": iteration_s, "rollout_s": phases["rollout_s"], "score_s": phases["score_s"],
+            "forward_s": forward_s,
+            "update_s": [t - g for t, g in zip(iteration_s, phases["generate_and_score_s"])],
+            "response_tokens": phases["response_tokens"],
+            "reward": [h["reward"] for h in trainer.state.log_history if "reward" in h]}
+
+
+def ppo_flops(n_body: int, n_head: int, tokens: float, targets: float, epochs: int, critic: bool) -> float:
+    """The matmul FLOPs of one iteration: generation (one forward over every token, the head on each response
+    token), the policy's and the reference's log-prob forwards, then `epochs` training passes of the policy; with a
+    critic (align), its value forward and `epochs` training passes too (a backbone with a one-output head)."""
+    flops = model_flops(n_body, n_head, tokens, targets, passes=1 + 2 + 3 * epochs)
+    if critic:
+        flops += model_flops(n_body, 0, tokens, 0, passes=1 + 3 * epochs)
+    return flops
+
+
+def bench_ppo(args, peak: float) -> dict:
+    from align import data, models
+    from align.config import ModelConfig
+
+    tokenizer = models.load_tokenizer(ModelConfig(name_or_path=SMOLLM2))
+    work = Path(tempfile.mkdtemp(prefix="align-bench-ppo-"))
+    n_body, n_head, n_total = bench_model(work / "model", tokenizer)
+    batch, iterations, lr = args.batch, args.steps or 6, 1e-5
+    epochs, new_tokens = args.ppo_epochs, args.max_new_tokens
+    picked = _ppo_prompts(tokenizer, batch * iterations, args.max_length)
+    if len(picked) < batch * iterations:
+        raise SystemExit(f"only {len(picked)} prompts fit max_length={args.max_length}; lower --steps")
+    data_file = work / "prompts.jsonl"
+    data_file.write_text("".join(json.dumps(record) + "\n" for record, _, _ in picked))
+    # align shuffles with its seeded StepSampler; TRL gets the prompts in that order, unshuffled, each sampled twice
+    sampler = data.StepSampler(len(picked), batch, seed=42)  # align.ppo's default seed
+    ordered = [picked[i][1].prompt for step in range(iterations) for i in sampler.indices(step)]
+    prompt_tokens = [sum(picked[i][2] for i in sampler.indices(step)) for step in range(iterations)]
+    per_prompt = {"align": 1, "trl": 2}  # responses sampled per prompt
+
+    runs = {"align": [], "trl": []}
+    for r in range(args.rounds):
+        for side in ("align", "trl"):
+            print(f"[bench] ppo round {r + 1}/{args.rounds}: {side}", flush=True)
+            if side == "align":
+                res = _run_align_ppo(work / "model", data_file, work / f"align-{r}", iterations, batch, epochs,
+                                     new_tokens, lr)
+            else:
+                res = _run_trl_rloo(work / "model", ordered, work / f"trl-{r}", iterations, batch, epochs,
+                                    new_tokens, lr)
+            skip = min(1, iterations - 1)  # the first iteration warms up allocators and kernels
+            seconds = sum(res["iteration_s"][skip:])
+            k = per_prompt[side]
+            flops = sum(ppo_flops(n_body, n_head, k * p + t, t, epochs, critic=side == "align")
+                        for p, t in zip(prompt_tokens[skip:], res["response_tokens"][skip:]))
+            split = {ph: sum(res[f"{ph}_s"][skip:]) / seconds for ph in ("rollout", "score", "forward", "update")}
+            runs[side].append({
+                "items_per_s": k * batch * (iterations - skip) / seconds,
+                "rollout_tokens_per_s": sum(res["response_tokens"][skip:]) / sum(res["rollout_s"][skip:]),
+                "response_length": sum(res["response_tokens"]) / (k * batch * iterations),
+                "flops_per_s": flops / seconds, "time_split": split,
+                "iteration_s": statistics.median(res["iteration_s"][skip:]),
+                "reward_first": res["reward"][0], "reward_last": res["reward"][-1],
+                "seconds": res.get("report_seconds")})
+
+    def summary(side: str) -> dict:
+        rounds = runs[side]
+        return {"items_per_s": statistics.median(x["items_per_s"] for x in rounds),
+                "rollout_tokens_per_s": statistics.median(x["rollout_tokens_per_s"] for x in rounds),
+                "mfu": mfu(statistics.median(x["flops_per_s"] for x in rounds), peak),
+                "time_split": {ph: statistics.median(x["time_split"][ph] for x in rounds)
+                               for ph in rounds[0]["time_split"]},
+                "iteration_s": statistics.median(x["iteration_s"] for x in rounds),
+                "response_length": rounds[0]["response_length"], "samples_per_iteration": per_prompt[side] * batch,
+                "reward_first": rounds[0]["reward_first"], "reward_last": rounds[0]["reward_last"],
+                "rounds": [x["items_per_s"] for x in rounds]}
+
+    ours, theirs = summary("align"), summary("trl")
+    ours["report_seconds"] = runs["align"][0]["seconds"]
+    return {
+        "stage": "ppo", "ratio": ours["items_per_s"] / theirs["items_per_s"], "unit": "samples/s", "engine": "hf",
+        "align": ours, "trl": theirs, "peak_gflops": peak,
+        "model": {"params": n_total, "matmul_params": n_body + n_head, "head_params": n_head, "layers": 8,
+                  "hidden": 256, "vocab": len(tokenizer)},
+        "work": {"iterations": iterations, "prompts_per_iteration": batch, "max_new_tokens": new_tokens,
+                 "passes_per_batch": epochs, "optimizer_steps_per_iteration": epochs, "learning_rate": lr,
+                 "kl_coef": PPO_BETA, "reward": f"length {PPO_RULE}", "engine": "hf (transformers generate)",
+                 "prompt_tokens": sum(prompt_tokens), "data": "data/gsm8k_400.jsonl questions (chat template)",
+                 "rounds": args.rounds,
+                 "mismatch": "align: PPO, 1 response per prompt, a critic (value model) trained alongside the policy "
+                             "with GAE; TRL RLOO: 2 responses per prompt (its minimum), no critic, leave-one-out "
+                             "baseline. Throughput counts generated responses (prompt-response samples) per second"},
+    }
+
+
 def print_table(result: dict) -> None:
+    if result["stage"] == "ppo":
+        return print_ppo_table(result)
     a, t = result["align"], result["trl"]
     unit = result.get("unit", "tokens/s")
     key = "items_per_s" if "unit" in result else "tokens_per_s"
@@ -559,16 +775,37 @@ def print_table(result: dict) -> None:
               f"{k['pairs_loss']:.6f}")
 
 
-BENCHES = {"sft": bench_sft, "rm": bench_rm, "dpo": bench_dpo}
+def print_ppo_table(result: dict) -> None:
+    w = result["work"]
+    print(f"\nppo: matmul peak {result['peak_gflops']:.0f} GFLOP/s, model {result['model']['params'] / 1e6:.1f}M "
+          f"parameters; {w['iterations']} iterations of {w['prompts_per_iteration']} prompts, up to "
+          f"{w['max_new_tokens']} new tokens, {w['passes_per_batch']} passes per batch; time split of an iteration")
+    print(f"{'side':<8}{'samples/s':>10}{'rollout tok/s':>15}{'MFU':>7}{'rollout':>9}{'score':>7}{'forward':>9}"
+          f"{'update':>8}{'reward first':>14}{'reward last':>13}   rounds")
+    for name in ("align", "trl"):
+        side = result[name]
+        split = "".join(f"{side['time_split'][ph] * 100:>{width}.1f}%" for ph, width in
+                        (("rollout", 8), ("score", 6), ("forward", 8), ("update", 7)))
+        rounds = ", ".join(f"{x:.2f}" for x in side["rounds"])
+        print(f"{name:<8}{side['items_per_s']:>10.2f}{side['rollout_tokens_per_s']:>15.1f}{side['mfu'] * 100:>6.1f}%"
+              f"{split}{side['reward_first']:>14.4f}{side['reward_last']:>13.4f}   {rounds}")
+    print(f"ratio align/trl (responses per second): {result['ratio']:.2f}x")
+    print(f"align samples 1 response per prompt and trains a critic; TRL's RLOO samples "
+          f"{result['trl']['samples_per_iteration'] // w['prompts_per_iteration']} per prompt and has no critic")
+
+
+BENCHES = {"sft": bench_sft, "rm": bench_rm, "dpo": bench_dpo, "ppo": bench_ppo}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("stage", choices=[*BENCHES, "all"])
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default 30); ppo: iterations (default 6)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--max-length", type=int, default=256, help="longest example in tokens; ppo: longest prompt")
+    ap.add_argument("--max-new-tokens", type=int, default=32, help="ppo: response length limit, both sides")
+    ap.add_argument("--ppo-epochs", type=int, default=2, help="ppo: optimizer passes over each rollout batch")
     ap.add_argument("--out", default=str(ROOT / "bench"))
     args = ap.parse_args()
 
@@ -596,7 +833,7 @@ def headline(result: dict) -> dict:
     line = {k: v for k, v in result.items() if not isinstance(v, dict)}
     for side in ("align", "align_cached", "trl"):
         for key, value in result.get(side, {}).items():
-            if key in ("tokens_per_s", "items_per_s", "loss_last", "mfu"):
+            if key in ("tokens_per_s", "items_per_s", "loss_last", "mfu", "rollout_tokens_per_s", "time_split"):
                 line[f"{side}_{key}"] = value
     return line
 
