@@ -318,19 +318,13 @@ def main(cfg: DPOConfig) -> dict:
     if after:
         report["val_accuracy"], report["val_margin"] = after["accuracy/val"], after["rewards/margin/val"]
         report["val_loss"] = after["loss/val"]
-    if accelerator.is_main_process:
-        net = accelerator.unwrap_model(model)
-        # Where the reference lives for a later `reward_models.evaluate --policy`: an adapter's own base (null),
-        # the `reference` model, or the policy's starting weights (not reloadable when they were random).
-        full_ref = ref_location or (base_location if cfg.model.init == "pretrained" else None)
-        with train.atomic_dir(run.dir / "model") as tmp:
-            models.save(net, tokenizer, tmp, base_location)
-            save_settings(tmp, cfg, template, ref_location if cfg.lora.enabled else full_ref)
-        if cfg.lora.enabled and cfg.save_merged:
-            with train.atomic_dir(run.dir / "merged") as tmp:
-                models.save_merged(net, tokenizer, tmp)
-                save_settings(tmp, cfg, template, full_ref)
-            report["merged_model"] = str(run.dir / "merged")
+    # Where the reference lives for a later `reward_models.evaluate --policy`: an adapter's own base (null), the
+    # `reference` model, or the policy's starting weights (not reloadable when they were random).
+    full_ref = ref_location or (base_location if cfg.model.init == "pretrained" else None)
+    adapter_ref = ref_location if cfg.lora.enabled else full_ref
+    train.save_policy(run, model, tokenizer, cfg, base_location, report,
+                      settings=lambda folder, merged: save_settings(folder, cfg, template,
+                                                                    full_ref if merged else adapter_ref))
     run.finish(report)
     if before and after:
         log.info("held-out preference accuracy: %.3f -> %.3f; reward margin %.4f -> %.4f", before["accuracy/val"],

@@ -169,13 +169,17 @@ def sequences(ro: rollout.Rollout, ids: Sequence[int]) -> list[data.Tokenized]:
 
 
 def response_logprobs(model, seqs: list[data.Tokenized], temperature: float, pad_id: int, device,
-                      entropy: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                      entropy: Optional[str] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """log pi(a_t | s_t) of every response token [K] (sequence by sequence), under softmax(logits / T), and the
-    per-token entropy [K] when asked."""
+    per-token entropy [K] when asked: "grad" (it is in the loss) or "metric" (no backward through a second
+    full-vocabulary softmax)."""
     batch = data.collate(seqs, padding_free=True, pad_token_id=pad_id).to(device)
     logits = models.logits_at(model, batch).float() / temperature
     logps = losses.token_logprobs(logits, batch.targets)
-    return logps, (losses.entropy_from_logits(logits) if entropy else None)
+    if entropy is None:
+        return logps, None
+    with torch.set_grad_enabled(entropy == "grad" and torch.is_grad_enabled()):
+        return logps, losses.entropy_from_logits(logits if entropy == "grad" else logits.detach())
 
 
 def response_values(critic, seqs: list[data.Tokenized], pad_id: int, device) -> torch.Tensor:
@@ -453,7 +457,7 @@ def main(cfg: PPOConfig) -> dict:
                         mb_lengths = [lengths[i] for i in mb]
                         with accelerator.autocast():
                             logps, entropy = response_logprobs(policy, seqs, sampling.temperature, pad, device,
-                                                               entropy=True)
+                                                               entropy="grad" if pc.ent_coef else "metric")
                             new_values = response_values(critic, seqs, pad, device)
                         old = from_rows(old_logprobs, mb, lengths)
                         adv = from_rows(advantages, mb, lengths)
@@ -545,14 +549,7 @@ def main(cfg: PPOConfig) -> dict:
         report["before"] = before
     if after:
         report["after"] = after
-    if accelerator.is_main_process:
-        net = accelerator.unwrap_model(policy)
-        with train.atomic_dir(run.dir / "model") as tmp:
-            models.save(net, tokenizer, tmp, base_location)
-        if cfg.lora.enabled and cfg.save_merged:
-            with train.atomic_dir(run.dir / "merged") as tmp:
-                models.save_merged(net, tokenizer, tmp)
-            report["merged_model"] = str(run.dir / "merged")
+    train.save_policy(run, policy, tokenizer, cfg, base_location, report)
     engine.close()
     run.finish(report)
     if before and after:

@@ -111,14 +111,7 @@ def main(cfg: SFTConfig) -> dict:
         report["val_loss_before"], report["val_ppl_before"] = before["loss/val"], before["ppl/val"]
     if after:
         report["val_loss"], report["val_ppl"] = after["loss/val"], after["ppl/val"]
-    if accelerator.is_main_process:
-        net = accelerator.unwrap_model(model)
-        with train.atomic_dir(run.dir / "model") as tmp:
-            models.save(net, tokenizer, tmp, base_location)
-        if cfg.lora.enabled and cfg.save_merged:
-            with train.atomic_dir(run.dir / "merged") as tmp:
-                models.save_merged(net, tokenizer, tmp)
-            report["merged_model"] = str(run.dir / "merged")
+    train.save_policy(run, model, tokenizer, cfg, base_location, report)
     run.finish(report)
     if before and after:
         log.info("held-out loss: %.4f -> %.4f (perplexity %.2f -> %.2f)", before["loss/val"], after["loss/val"],

@@ -380,6 +380,25 @@ def evaluating(model, accelerator=None) -> Iterator[Any]:
         net.train(was_training)
 
 
+def save_policy(run: "Run", model, tokenizer, cfg: Any, base_location: Optional[str], report: dict,
+                settings: Optional[Callable[[Path, bool], None]] = None) -> None:
+    """The final policy in run.dir/model (adapter or full) and, with LoRA and cfg.save_merged, the merged model in
+    run.dir/merged, each written atomically on the main process; `settings(folder, merged)` adds a stage's files."""
+    if not run.is_main:
+        return
+    net = run.accelerator.unwrap_model(model)
+    with atomic_dir(run.dir / "model") as tmp:
+        models.save(net, tokenizer, tmp, base_location)
+        if settings is not None:
+            settings(tmp, False)
+    if cfg.lora.enabled and cfg.save_merged:
+        with atomic_dir(run.dir / "merged") as tmp:
+            models.save_merged(net, tokenizer, tmp)
+            if settings is not None:
+                settings(tmp, True)
+        report["merged_model"] = str(run.dir / "merged")
+
+
 def begin(cfg: Any, stage: str) -> tuple[Any, "Run"]:
     """The accelerator and the (checked, not yet created) run folder of a stage."""
     accelerator = make_accelerator(cfg.train, cfg.seed)
