@@ -28,6 +28,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from dataclasses import replace as dataclass_replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -140,12 +141,6 @@ def load_critic(cfg: PPOConfig, policy_location: str, tokenizer):
                                  modules_to_save=["score" if hasattr(critic, "score") else "classifier"])
     log.info("critic: a value head on the %s's backbone (%s)", source, location.name_or_path)
     return critic, source
-
-
-def dataclass_replace(obj, **changes):
-    import dataclasses
-
-    return dataclasses.replace(obj, **changes)
 
 
 @contextlib.contextmanager
