@@ -177,6 +177,20 @@ def response_logprobs(model, seqs: list[data.Tokenized], temperature: float, pad
         return logps, losses.entropy_from_logits(logits if entropy == "grad" else logits.detach())
 
 
+@torch.no_grad()
+def policy_and_reference_logprobs(policy, frozen_ref, ro: rollout.Rollout, micro_batch_size: int,
+                                  temperature: float, pad_id: int, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi and log pi_ref of every response token of a rollout [K] each, in micro-batches."""
+    logps, ref_logps = [], []
+    with train.evaluating(policy, accelerator) as net, accelerator.autocast():
+        for chunk in data.chunks(range(len(ro)), micro_batch_size):
+            seqs = sequences(ro, chunk)
+            logps.append(response_logprobs(net, seqs, temperature, pad_id, accelerator.device)[0])
+            with reference_network(net, frozen_ref) as ref:
+                ref_logps.append(response_logprobs(ref, seqs, temperature, pad_id, accelerator.device)[0])
+    return torch.cat(logps), torch.cat(ref_logps)
+
+
 def response_values(critic, seqs: list[data.Tokenized], pad_id: int, device) -> torch.Tensor:
     """V(s_t) at every response token [K]: the value head read where token t is predicted."""
     batch = data.collate(seqs, padding_free=True, pad_token_id=pad_id).to(device)
@@ -262,19 +276,11 @@ def evaluate(cfg: PPOConfig, policy, frozen_ref, engine, reward, prompts: list[P
         torch.manual_seed(cfg.seed + 7919 + accelerator.process_index)
         ro = engine.generate([p.ids for p in mine], sampling)
     scores = score(reward, mine, decode(tokenizer, ro))
-    kl = torch.zeros(len(mine))
-    pad = tokenizer.pad_token_id
-    with train.evaluating(policy, accelerator) as net:
-        for ids in data.chunks(range(len(mine)), cfg.train.micro_batch_size):
-            seqs = sequences(ro, ids)
-            lengths = [len(ro.response_ids[i]) for i in ids]
-            with accelerator.autocast():
-                logps, _ = response_logprobs(net, seqs, sampling.temperature, pad, accelerator.device)
-                with reference_network(net, frozen_ref) as ref:
-                    ref_logps, _ = response_logprobs(ref, seqs, sampling.temperature, pad, accelerator.device)
-            per_seq = losses.sequence_logprobs(logps - ref_logps, torch.tensor(lengths, device=logps.device))
-            kl[torch.tensor(ids)] = per_seq.cpu()
-    lengths = torch.tensor([len(r) for r in ro.response_ids], dtype=torch.float)
+    logps, ref_logps = policy_and_reference_logprobs(policy, frozen_ref, ro, cfg.train.micro_batch_size,
+                                                     sampling.temperature, tokenizer.pad_token_id, accelerator)
+    lengths = torch.tensor([len(r) for r in ro.response_ids])
+    kl = losses.sequence_logprobs(logps - ref_logps, lengths.to(logps.device)).cpu()
+    lengths = lengths.float()
     sums = torch.stack([scores.sum(), kl.sum(), lengths.sum(), ro.stopped.float().sum(),
                         torch.tensor(float(len(mine)))]).to(accelerator.device)
     sums = accelerator.reduce(sums, "sum")
@@ -403,19 +409,14 @@ def main(cfg: PPOConfig) -> dict:
         t2 = time.perf_counter()
 
         # ---- 3 log-probs under policy and reference, values under the critic -------------------------------
-        old_logps, ref_logps, old_values = [], [], []
-        with torch.no_grad(), accelerator.autocast():
-            with train.evaluating(policy, accelerator) as net:
-                for chunk in data.chunks(range(len(ro)), cfg.train.micro_batch_size):
-                    seqs = sequences(ro, chunk)
-                    old_logps.append(response_logprobs(net, seqs, sampling.temperature, pad, device)[0])
-                    with reference_network(net, frozen_ref) as ref:
-                        ref_logps.append(response_logprobs(ref, seqs, sampling.temperature, pad, device)[0])
-            with train.evaluating(critic, accelerator) as value_net:
-                for chunk in data.chunks(range(len(ro)), cfg.train.micro_batch_size):
-                    old_values.append(response_values(value_net, sequences(ro, chunk), pad, device))
-        old_logprobs = to_rows(torch.cat(old_logps), lengths, width)
-        ref_logprobs = to_rows(torch.cat(ref_logps), lengths, width)
+        old_logps, ref_logps = policy_and_reference_logprobs(policy, frozen_ref, ro, cfg.train.micro_batch_size,
+                                                             sampling.temperature, pad, accelerator)
+        old_values = []
+        with torch.no_grad(), accelerator.autocast(), train.evaluating(critic, accelerator) as value_net:
+            for chunk in data.chunks(range(len(ro)), cfg.train.micro_batch_size):
+                old_values.append(response_values(value_net, sequences(ro, chunk), pad, device))
+        old_logprobs = to_rows(old_logps, lengths, width)
+        ref_logprobs = to_rows(ref_logps, lengths, width)
         values = to_rows(torch.cat(old_values), lengths, width)
         engine_logprobs = to_rows(torch.tensor([x for lp in ro.logprobs for x in lp]), lengths, width).to(device)
         logprob_diff = losses.masked_mean((engine_logprobs - old_logprobs).abs(), response_mask)
