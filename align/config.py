@@ -18,7 +18,7 @@ import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional, Sequence, TypeVar
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -109,11 +109,19 @@ class DataSource:
     """Column mapping, canonical name -> the file's name, e.g. {prompt: question, completion: answer}."""
     split: str = "train"
     """Split to read when `path` goes through `datasets.load_dataset`."""
+    offset: int = 0
+    """Skip this many records first (with `limit`, a slice: records offset .. offset+limit-1), e.g. to hold out
+    the end of a file for evaluation."""
     limit: Optional[int] = None
-    """Use only the first `limit` records."""
+    """Use only the first `limit` records (after `offset`)."""
     skip_invalid: bool = False
     """Leave out records that fail validation (counted by reason in the log and the run report) instead of
     stopping at the first one."""
+
+    def _check(self, at: str) -> None:
+        positive(f"{at}.offset", self.offset, allow_zero=True)
+        if self.limit is not None:
+            positive(f"{at}.limit", self.limit)
 
 
 @dataclass
@@ -694,6 +702,126 @@ class PPOConfig:
                               "use critic.init=policy")
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Evaluation and the pipeline
+
+
+@dataclass
+class EvalConfig:
+    """Is the candidate policy better than the baseline, and at what cost: `python -m align.evaluate --policy DIR
+    --baseline DIR --reward-model DIR --prompts FILE`, or `python -m align.evaluate RECIPE.yaml [key=value ...]`."""
+
+    policy: Optional[str] = None
+    """The candidate: a model folder (full or a LoRA adapter), a .gguf file or `pkg:` name (the pipeline fills it)."""
+    baseline: Optional[str] = None
+    """The policy it is compared with, usually what training started from (the pipeline: the SFT model). It must
+    share the candidate's tokenizer (the KL is computed token by token)."""
+    reward: Optional[RewardConfig] = None
+    """Who judges: a reward-model folder (align.rm's, or any one-output sequence-classification model) or a rule
+    (the pipeline: its reward model)."""
+    prompts: Optional[DataSource] = None
+    """Held-out prompts: plain strings (`prompt`), chat messages, or any prompt-bearing format (HH transcripts up to
+    the last user turn, question, instruction). Keep them out of every training set."""
+    output_dir: Optional[str] = None
+    """Where eval.json, samples.jsonl and the plots go (default: no files, the JSON line only)."""
+    seed: int = 42
+    """Sampling seed: both policies draw from the same seed, batch by batch."""
+    max_prompt_length: int = 512
+    """Longest prompt in tokens after the template; longer ones are dropped and counted."""
+    template: str = "auto"
+    """chat, plain ("Human: ... Assistant:" text), or auto (chat when the tokenizer has a template)."""
+    max_new_tokens: int = 128
+    """Longest response, in tokens."""
+    temperature: float = 0.7
+    """Sampling temperature of both policies; log-probs for the KL use the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling (1.0: off). With top_p < 1 the KL is of the untruncated tempered distributions."""
+    generation_batch_size: int = 32
+    """Prompts per generate call."""
+    micro_batch_size: int = 8
+    """Sequences per teacher-forced forward (the KL's log-probs)."""
+    tie_margin: float = 0.0
+    """|reward difference| <= tie_margin is a tie (counts half a win)."""
+    precision: str = "auto"
+    """auto | fp32 | bf16 | fp16: autocast precision of generation and scoring."""
+
+    def _check(self, at: str) -> None:
+        positive(f"{at}.max_prompt_length", self.max_prompt_length)
+        one_of(f"{at}.template", self.template, ("auto", "chat", "plain"))
+        positive(f"{at}.max_new_tokens", self.max_new_tokens)
+        if self.temperature <= 0:
+            raise ConfigError(f"{at}.temperature: the KL needs sampled responses; must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"{at}.top_p: must be in (0, 1]; got {self.top_p}")
+        positive(f"{at}.generation_batch_size", self.generation_batch_size)
+        positive(f"{at}.micro_batch_size", self.micro_batch_size)
+        positive(f"{at}.tie_margin", self.tie_margin, allow_zero=True)
+        one_of(f"{at}.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+
+    def check_complete(self, where: str) -> None:
+        """A standalone evaluation names everything the pipeline would otherwise fill in."""
+        missing = [k for k in ("policy", "baseline", "reward", "prompts") if getattr(self, k) is None]
+        if missing:
+            flags = {"policy": "--policy DIR", "baseline": "--baseline DIR", "prompts": "--prompts FILE",
+                     "reward": "--reward-model DIR or --rule NAME"}
+            raise ConfigError(f"{where}: missing {', '.join(flags[k] for k in missing)}")
+
+
+@dataclass
+class StageSpec:
+    recipe: Optional[str] = None
+    """The stage's own recipe file (e.g. recipes/minilm/rm_hh.yaml); its output_dir, resume and overwrite are
+    replaced by the pipeline's."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Settings on top of the recipe, nested as in the stage's config (e.g. {train: {max_steps: 10}}); they also
+    win over what the pipeline wires in from earlier stages."""
+
+
+@dataclass
+class PipelineConfig:
+    """The chain SFT -> reward model -> DPO and/or PPO -> evaluation, with one report:
+    `python -m align.pipeline RECIPE.yaml [key=value ...]`."""
+
+    output_dir: str = MISSING
+    """The pipeline's run folder: a folder per stage, eval_<stage>/ per evaluated policy, report.md and plots."""
+    overwrite: bool = False
+    """Delete output_dir first and run every stage again. Without it a complete stage is skipped and a failed one
+    resumes from its last checkpoint."""
+    stages: list[str] = MISSING
+    """Which stages run, in order: any of sft, rm, dpo, ppo. SFT's model is the policy and reference of DPO and PPO
+    (both start from it: they are alternatives); the reward model is PPO's reward and its critic's start."""
+    sft: StageSpec = field(default_factory=StageSpec)
+    """Instruction SFT."""
+    rm: StageSpec = field(default_factory=StageSpec)
+    """The reward model."""
+    dpo: StageSpec = field(default_factory=StageSpec)
+    """DPO (or a variant)."""
+    ppo: StageSpec = field(default_factory=StageSpec)
+    """PPO."""
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation of each trained policy (dpo, ppo; sft when it is the last policy stage) against the baseline: the
+    SFT model, or the policy stages' starting model without SFT. The reward model is the rm stage's unless set."""
+
+    def _check(self, at: str) -> None:
+        if not self.stages:
+            raise ConfigError("stages: name at least one of sft, rm, dpo, ppo")
+        for name in self.stages:
+            one_of("stages", name, ("sft", "rm", "dpo", "ppo"))
+        if len(set(self.stages)) != len(self.stages):
+            raise ConfigError(f"stages: {self.stages} names a stage twice")
+        order = {name: i for i, name in enumerate(self.stages)}
+        for later, earlier in (("dpo", "sft"), ("ppo", "sft"), ("ppo", "rm")):
+            if later in order and earlier in order and order[earlier] > order[later]:
+                raise ConfigError(f"stages: {earlier} feeds {later}, so it must come first; got {self.stages}")
+        for name in ("sft", "rm", "dpo", "ppo"):
+            spec = getattr(self, name)
+            if name not in self.stages and (spec.recipe or spec.overrides):
+                raise ConfigError(f"{name}: settings for a stage that is not in stages={self.stages}")
+            owned = {"output_dir", "resume", "overwrite"} & set(spec.overrides)
+            if owned:
+                raise ConfigError(f"{name}.overrides.{sorted(owned)[0]}: the pipeline sets it (output_dir/{name})")
+
+
 # Stage name -> config class. A recipe file named `<stage>*.yaml` is validated against its stage's class.
 STAGES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig}
 
@@ -720,9 +848,12 @@ def _run_checks(node: Any, at: str) -> None:
         check(at or type(node).__name__)
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Build a validated `cls` from a YAML recipe and `key=value` overrides (later wins)."""
-    where = str(path) if path else "overrides"
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+                layers: Sequence[Any] = (), where: str | None = None) -> T:
+    """Build a validated `cls` from a YAML recipe, nested mappings (`layers`: what a pipeline wires in and its
+    inline settings) and `key=value` overrides, in that order (later wins). Errors start with `where` (default: the
+    recipe's path)."""
+    where = where or (str(path) if path else "overrides")
     bad = [o for o in overrides or [] if "=" not in o]
     if bad:
         raise ConfigError(f"override {bad[0]!r}: expected key=value")
@@ -734,6 +865,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             if not path.is_file():
                 raise ConfigError(f"{path}: recipe file not found")
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        for layer in layers:
+            merged = OmegaConf.merge(merged, OmegaConf.create(layer))
         if overrides:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         cfg = OmegaConf.to_object(merged)

@@ -2,7 +2,7 @@
 
 A record (one JSON object, parquet row or `datasets` row) becomes one canonical example:
 
-    SFTExample(messages)          chat, prompt/completion, alpaca, question/answer
+    SFTExample(messages)          chat, prompt/completion, alpaca, question/answer, HH-RLHF (the chosen transcript)
     SFTExample(text=...)          plain text (continued pre-training)
     PreferenceExample             prompt/chosen/rejected, HH-RLHF transcripts, chosen/rejected conversations
     RankingExample                {prompt, responses, ranks|scores}, OpenAssistant trees (one per ranked group)
@@ -118,14 +118,15 @@ class Examples(list):
 
 
 def read_records(path: str, split: str = "train", limit: Optional[int] = None,
-                 columns: Optional[dict[str, str]] = None) -> list[Record]:
-    """All records of a file or `datasets` path, each with its origin. Raises DataError on an unreadable
-    record, naming the line; on a missing file or an empty dataset, naming the file."""
+                 columns: Optional[dict[str, str]] = None, offset: int = 0) -> list[Record]:
+    """The records of a file or `datasets` path from number `offset` on (at most `limit`), each with its origin.
+    Raises DataError on an unreadable record, naming the line; on a missing file or an empty dataset (or slice),
+    naming the file."""
     suffix = Path(path).suffix.lower()
     if suffix in (".jsonl", ".json", ".parquet") and not Path(path).is_file():
         raise DataError(f"{path}: file not found")
     if suffix == ".jsonl":
-        records = list(_read_jsonl(path, limit))
+        records = list(_read_jsonl(path, None if limit is None else offset + limit))
     elif suffix == ".json":
         records = _read_json(path)
     elif suffix == ".parquet":
@@ -135,10 +136,10 @@ def read_records(path: str, split: str = "train", limit: Optional[int] = None,
         records = [Record(r, Origin(path, i + 1, "row")) for i, r in enumerate(rows)]
     else:
         records = _read_datasets(path, split)
-    if limit is not None:
-        records = records[:limit]
+    records = records[offset:] if limit is None else records[offset: offset + limit]
     if not records:
-        raise DataError(f"{path}: no records (empty dataset)")
+        raise DataError(f"{path}: no records (empty dataset)" if not offset else
+                        f"{path}: no records from offset={offset} on (the file is shorter)")
     if columns:
         records = [Record(_rename(r, columns), r.origin) for r in records]
     return records
@@ -306,6 +307,16 @@ def _sft_question_answer(r: Record) -> SFTExample:
     return SFTExample(
         messages=[{"role": "user", "content": question}, {"role": "assistant", "content": answer}], origin=r.origin
     )
+
+
+def _sft_hh(r: Record) -> SFTExample:
+    """The preferred HH-RLHF transcript as a demonstration (SFT on the chosen replies, as the DPO paper does
+    before preference training)."""
+    raw = _field(r, "chosen", "hh")
+    msgs = parse_hh(r, "chosen", raw) if isinstance(raw, str) else _messages(r, "chosen", raw)
+    if msgs[-1]["role"] != "assistant" or not msgs[-1]["content"].strip():
+        raise _error(r, "field 'chosen': the last turn must be a non-empty assistant reply")
+    return SFTExample(messages=msgs, origin=r.origin)
 
 
 def _sft_text(r: Record) -> SFTExample:
@@ -518,6 +529,7 @@ FORMATS: list[Format] = [
     Format("alpaca", "sft", ("instruction", "output"), _sft_alpaca),
     Format("question_answer", "sft", ("question", "answer"), _sft_question_answer),
     Format("text", "sft", ("text",), _sft_text),
+    Format("hh", "sft", ("chosen",), _sft_hh),
     Format("preference", "preference", ("prompt", "chosen", "rejected"), _pref_explicit),
     Format("hh", "preference", ("chosen", "rejected"), _pref_conversations),
     Format("ranking", "preference", ("prompt", "responses"), _ranking),
@@ -575,7 +587,7 @@ def convert_records(records: list[Record], fmt_name: str, kind: str, skip_invali
 
 def load_examples(source: Any, kind: str) -> Examples:
     """Read a `config.DataSource` and convert every record to `kind`'s canonical examples."""
-    records = read_records(source.path, source.split, source.limit, source.columns)
+    records = read_records(source.path, source.split, source.limit, source.columns, source.offset)
     examples = convert_records(records, source.format, kind, getattr(source, "skip_invalid", False))
     if examples.skipped:
         log.warning("%s: skipped %d invalid records: %s", source.path, sum(examples.skipped.values()),

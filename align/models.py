@@ -275,6 +275,33 @@ def load_causal_lm(cfg: ModelConfig, lora: LoraConfig, seed: int, gradient_check
     return model
 
 
+def load_policy_for_inference(name_or_path: str):
+    """(model, tokenizer) of a trained policy for sampling and scoring: a full model folder, a .gguf/`pkg:` name, or
+    a LoRA adapter folder (its base, recorded in adapter_config.json, with the adapters merged in)."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    location = Path(resolve(name_or_path))
+    adapter = location / "adapter_config.json"
+    if adapter.is_file():
+        import peft
+
+        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        if not base or not (Path(resolve(base)) / "config.json").is_file():
+            raise ConfigError(f"{location}: an adapter whose base model ({base!r}) is not a local folder")
+        model = load_pretrained(AutoModelForCausalLM, ModelConfig(name_or_path=base), LoraConfig(), seed=0)
+        model = peft.PeftModel.from_pretrained(model, str(location)).merge_and_unload()
+        tokenizer = load_tokenizer(ModelConfig(name_or_path=str(location)), padding_side="left")
+    else:
+        cfg = ModelConfig(name_or_path=name_or_path)
+        model = load_pretrained(AutoModelForCausalLM, cfg, LoraConfig(), seed=0)
+        tokenizer = load_tokenizer(cfg, padding_side="left")
+    model.config.use_cache = False  # packed teacher-forced forwards need it off; generate turns it on per call
+    model.requires_grad_(False).eval()
+    return model, tokenizer
+
+
 def add_lora(model, lora: LoraConfig, task_type: str, seed: int, modules_to_save: Optional[list[str]] = None):
     import peft
 

@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import data, formats, losses, models, rollout, train
-from .config import ConfigError, LoraConfig, ModelConfig, PPOConfig, run_cli
+from .config import ConfigError, LoraConfig, ModelConfig, PPOConfig, RewardConfig, run_cli
 from .formats import DataError
 
 log = logging.getLogger("align")
@@ -80,23 +80,23 @@ def tokenize_prompts(examples: Sequence[formats.PromptExample], tokenizer, templ
 # Models: reward, critic, reference
 
 
-def load_reward(cfg: PPOConfig, device):
+def load_reward(cfg: RewardConfig, device, at: str = "reward"):
     """An object with score(prompts, responses) -> [n] float32: a reward-model folder or a rule."""
-    if cfg.reward.rule is not None:
+    if cfg.rule is not None:
         from reward_models.rules import load_rule
 
         try:
-            return load_rule(cfg.reward.rule, **cfg.reward.rule_args)
+            return load_rule(cfg.rule, **cfg.rule_args)
         except (ValueError, TypeError, OSError) as err:
-            raise ConfigError(f"reward.rule={cfg.reward.rule}: {err}") from None
+            raise ConfigError(f"{at}.rule={cfg.rule}: {err}") from None
     from reward_models.model import RewardScorer
 
-    folder = Path(models.resolve(cfg.reward.model))
+    folder = Path(models.resolve(cfg.model))
     if not (folder / "config.json").is_file():
-        raise ConfigError(f"reward.model={cfg.reward.model}: no reward model there ({folder / 'config.json'} not "
+        raise ConfigError(f"{at}.model={cfg.model}: no reward model there ({folder / 'config.json'} not "
                           f"found); train one with `python -m align.rm RECIPE.yaml` or name a sequence-classification "
                           f"model folder")
-    return RewardScorer(folder, device=str(device), max_length=cfg.reward.max_length)
+    return RewardScorer(folder, device=str(device), max_length=cfg.max_length)
 
 
 def _reward_critic_problem(folder: str, tokenizer) -> Optional[str]:
@@ -315,7 +315,7 @@ def main(cfg: PPOConfig) -> dict:
         val_prompts, val_stats = tokenize_prompts(val_examples, **tokenize)
         val_prompts = val_prompts[: cfg.eval_samples]
         data_report["validation"] = val_stats.as_dict()
-    reward = load_reward(cfg, device)
+    reward = load_reward(cfg.reward, device)
     sampler = data.StepSampler(len(prompts), cfg.train.batch_size, cfg.seed)
     num_steps = train.total_steps(cfg.train, sampler.steps_per_epoch)
 

@@ -1,0 +1,338 @@
+"""Is the candidate policy better than the baseline, and at what cost?
+
+    python -m align.evaluate --policy runs/pipeline/ppo/merged --baseline runs/pipeline/sft/merged \
+        --reward-model runs/pipeline/rm/model --prompts data/hh_harmless.jsonl --offset 1600 --n 64 --out DIR
+    python -m align.evaluate RECIPE.yaml [key=value ...]          # keys: config.EvalConfig
+
+Both policies answer the same held-out prompts with the same sampling settings and, batch by batch, the same seed;
+one judge (a reward model, ours or any one-output sequence-classification model, or a rule from
+reward_models/rules.py) scores every response. Per prompt i, d_i = r(candidate_i) - r(baseline_i):
+
+    win rate      mean of w_i: 1 if d_i > tie_margin, 1/2 if |d_i| <= tie_margin, 0 otherwise; the 95% interval is
+                  mean +- 1.96 * sd(w) / sqrt(n) (the normal interval AlpacaEval reports as its standard error).
+    LC win rate   AlpacaEval 2's length control (Dubois et al. 2024) on reward differences: regress d_i on the length
+                  feature tanh(l_i / sd(l)), l_i = len(candidate_i) - len(baseline_i) in tokens, by least squares
+                  (d = a + b * feature); the win rate of d_i - b * feature_i, the difference the two responses would
+                  have at equal length. A judge that only rewards length gives 0.5.
+    KL            KL(candidate || baseline) on the candidate's own samples: sum over response tokens of
+                  log pi_c(y_t) - log pi_b(y_t) under the sampling temperature (the k1 estimator PPO logs), averaged.
+    lengths       mean, median, 10th and 90th percentile in tokens, and the share that ended on EOS, for both.
+
+Outputs (with output_dir): eval.json (everything below), samples.jsonl (prompt, both responses, rewards, lengths, KL),
+rewards.png (reward histogram of both), kl_vs_reward.png and lengths.png. The last line of stdout is one JSON object
+with win_rate, win_rate_ci95, lc_win_rate, kl, n and the rest of the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import data, formats, models, rollout, train
+from .config import ConfigError, EvalConfig, TrainConfig, load_config
+from .formats import DataError
+from .ppo import Prompt, decode, load_reward, policy_and_reference_logprobs, score, tokenize_prompts
+
+log = logging.getLogger("align")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Statistics: pure functions of per-prompt reward differences and lengths
+
+
+def outcomes(diff: Sequence[float], tie_margin: float = 0.0) -> np.ndarray:
+    """Per prompt: 1 (candidate wins), 0.5 (tie: |d| <= tie_margin) or 0 (baseline wins)."""
+    d = np.asarray(diff, dtype=np.float64)
+    return np.where(np.abs(d) <= tie_margin, 0.5, (d > 0).astype(np.float64))
+
+
+def win_rate(diff: Sequence[float], tie_margin: float = 0.0) -> dict:
+    """Win rate (ties count half) with its 95% normal interval, clipped to [0, 1], and the counts."""
+    w = outcomes(diff, tie_margin)
+    n = len(w)
+    if n == 0:
+        raise ValueError("no prompts to compare")
+    rate = float(w.mean())
+    half = 1.96 * float(w.std(ddof=1)) / math.sqrt(n) if n > 1 else math.inf
+    return {"win_rate": rate, "win_rate_ci95": [max(0.0, rate - half), min(1.0, rate + half)],
+            "wins": int((w == 1).sum()), "ties": int((w == 0.5).sum()), "losses": int((w == 0).sum()), "n": n}
+
+
+def length_controlled(diff: Sequence[float], length_diff: Sequence[float], tie_margin: float = 0.0) -> dict:
+    """The win rate with the length effect regressed out (see the module docstring). With fewer than 3 prompts or
+    no spread in the length differences the effect cannot be estimated: the plain win rate, slope None."""
+    d = np.asarray(diff, dtype=np.float64)
+    lengths = np.asarray(length_diff, dtype=np.float64)
+    sd = float(lengths.std(ddof=1)) if len(lengths) > 1 else 0.0
+    if len(d) < 3 or sd == 0.0:
+        return {"lc_win_rate": float(outcomes(d, tie_margin).mean()), "length_slope": None, "intercept": None}
+    feature = np.tanh(lengths / sd)
+    centred = feature - feature.mean()
+    slope = float((centred * (d - d.mean())).sum() / (centred ** 2).sum())
+    intercept = float(d.mean() - slope * feature.mean())
+    controlled = d - slope * feature
+    return {"lc_win_rate": float(outcomes(controlled, tie_margin).mean()), "length_slope": slope,
+            "intercept": intercept}
+
+
+def length_summary(lengths: Sequence[int], stopped: Sequence[bool]) -> dict:
+    x = np.asarray(lengths, dtype=np.float64)
+    return {"mean": float(x.mean()), "median": float(np.median(x)), "p10": float(np.percentile(x, 10)),
+            "p90": float(np.percentile(x, 90)), "eos_rate": float(np.mean(np.asarray(stopped, dtype=np.float64)))}
+
+
+def summarize(candidate_rewards: Sequence[float], baseline_rewards: Sequence[float],
+              candidate_lengths: Sequence[int], baseline_lengths: Sequence[int], kl: Sequence[float],
+              candidate_stopped: Sequence[bool], baseline_stopped: Sequence[bool], tie_margin: float = 0.0) -> dict:
+    """Everything the evaluation reports, from per-prompt arrays (index i is prompt i on both sides)."""
+    rc, rb = np.asarray(candidate_rewards, np.float64), np.asarray(baseline_rewards, np.float64)
+    lc, lb = np.asarray(candidate_lengths, np.float64), np.asarray(baseline_lengths, np.float64)
+    out = win_rate(rc - rb, tie_margin)
+    out.update(length_controlled(rc - rb, lc - lb, tie_margin))
+    kl = np.asarray(kl, np.float64)
+    out.update({
+        "kl": float(kl.mean()), "kl_sd": float(kl.std(ddof=1)) if len(kl) > 1 else 0.0,
+        "reward_candidate": float(rc.mean()), "reward_baseline": float(rb.mean()),
+        "reward_diff": float((rc - rb).mean()),
+        "length_candidate": length_summary(candidate_lengths, candidate_stopped),
+        "length_baseline": length_summary(baseline_lengths, baseline_stopped),
+    })
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sampling, scoring, KL
+
+
+@dataclass
+class Samples:
+    """One policy's responses to the prompts, in prompt order, with their rewards."""
+
+    rollout: rollout.Rollout
+    texts: list[str]
+    rewards: torch.Tensor  # [n]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(r) for r in self.rollout.response_ids]
+
+
+def load_prompts(cfg: EvalConfig, tokenizer) -> tuple[list[Prompt], dict]:
+    examples = formats.load_examples(cfg.prompts, "prompt")
+    template = data.resolve_policy_template(tokenizer, cfg.template)
+    prompts, stats = tokenize_prompts(examples, tokenizer, template, cfg.max_prompt_length, "drop")
+    log.info("evaluation prompts: %d from %s; %s", len(prompts), cfg.prompts.path, stats.summary())
+    return prompts, {"template": template, "prompts": stats.as_dict(), "skipped_records": examples.skipped}
+
+
+def sample_and_score(model, tokenizer, prompts: list[Prompt], reward, cfg: EvalConfig, accelerator) -> Samples:
+    """Responses of `model` (this process's prompts), drawn after seeding with cfg.seed: two policies sampled with
+    the same settings consume the same random stream batch by batch. Training's RNG state is left untouched."""
+    sampling = rollout.Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, 0)
+    engine = rollout.HFEngine(model, tokenizer, cfg.generation_batch_size)
+    with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed + accelerator.process_index)
+        with accelerator.autocast():
+            ro = engine.generate([p.ids for p in prompts], sampling)
+    texts = decode(tokenizer, ro)
+    return Samples(ro, texts, score(reward, prompts, texts))
+
+
+def sequence_kl(candidate, baseline, samples: Samples, cfg: EvalConfig, pad_id: int, accelerator) -> torch.Tensor:
+    """Per response [n]: sum over its tokens of log pi_candidate - log pi_baseline (k1; KL in expectation)."""
+    logps, base_logps = policy_and_reference_logprobs(candidate, baseline, samples.rollout, cfg.micro_batch_size,
+                                                      cfg.temperature, pad_id, accelerator)
+    per_token = (logps - base_logps).cpu()
+    return torch.stack([piece.sum() for piece in torch.split(per_token, samples.lengths)])
+
+
+def check_same_vocabulary(candidate_tokenizer, baseline_tokenizer, cfg: EvalConfig) -> None:
+    if candidate_tokenizer.get_vocab() != baseline_tokenizer.get_vocab():
+        raise ConfigError(f"policy={cfg.policy} and baseline={cfg.baseline} have different tokenizers: the KL "
+                          f"between them is not defined token by token")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Plots (matplotlib's Agg canvas directly: no pyplot, no global backend)
+
+
+def _figure(size=(5.5, 3.8)):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
+
+
+def plot(out: Path, rows: list[dict], summary: dict, names: tuple[str, str]) -> None:
+    rc = [r["reward_candidate"] for r in rows]
+    rb = [r["reward_baseline"] for r in rows]
+    fig, ax = _figure()
+    bins = np.histogram_bin_edges(rc + rb, bins=20)
+    ax.hist(rb, bins=bins, alpha=0.55, label=f"{names[1]} (mean {summary['reward_baseline']:.3f})")
+    ax.hist(rc, bins=bins, alpha=0.55, label=f"{names[0]} (mean {summary['reward_candidate']:.3f})")
+    ax.set(xlabel="reward", ylabel="responses",
+           title=f"win rate {summary['win_rate']:.3f}, length-controlled {summary['lc_win_rate']:.3f}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "rewards.png", dpi=110)
+
+    fig, ax = _figure()
+    ax.scatter([r["kl"] for r in rows], [c - b for c, b in zip(rc, rb)], s=12, alpha=0.7)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set(xlabel=f"KL({names[0]} || {names[1]}) of the response (nats)", ylabel="reward difference",
+           title=f"mean KL {summary['kl']:.3f}, mean reward difference {summary['reward_diff']:+.3f}")
+    fig.tight_layout()
+    fig.savefig(out / "kl_vs_reward.png", dpi=110)
+
+    fig, ax = _figure()
+    lengths_c = [r["length_candidate"] for r in rows]
+    lengths_b = [r["length_baseline"] for r in rows]
+    bins = np.histogram_bin_edges(lengths_c + lengths_b, bins=20)
+    ax.hist(lengths_b, bins=bins, alpha=0.55, label=f"{names[1]} (mean {summary['length_baseline']['mean']:.1f})")
+    ax.hist(lengths_c, bins=bins, alpha=0.55, label=f"{names[0]} (mean {summary['length_candidate']['mean']:.1f})")
+    ax.set(xlabel="response length (tokens)", ylabel="responses", title="response lengths")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "lengths.png", dpi=110)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The evaluation
+
+
+def main(cfg: EvalConfig, baseline_cache: Optional[dict] = None, accelerator=None) -> dict:
+    """Sample, score and compare; write the files when cfg.output_dir is set; return the summary.
+    `baseline_cache` (a dict the caller keeps) lets several candidates share one baseline's samples: same
+    prompts, settings and seed give the same responses, so they are drawn once."""
+    cfg.check_complete("evaluate")
+    if accelerator is None:
+        accelerator = train.make_accelerator(TrainConfig(precision=cfg.precision, batch_size=1,
+                                                         micro_batch_size=1), cfg.seed)
+    device = accelerator.device
+    try:
+        candidate, tokenizer = models.load_policy_for_inference(cfg.policy)
+        baseline, baseline_tokenizer = models.load_policy_for_inference(cfg.baseline)
+    except OSError as err:
+        raise ConfigError(f"evaluate: cannot load a policy: {err}") from None
+    check_same_vocabulary(tokenizer, baseline_tokenizer, cfg)
+    candidate.to(device)
+    baseline.to(device)
+    prompts, data_report = load_prompts(cfg, tokenizer)
+    mine = data.shard(prompts, accelerator.process_index, accelerator.num_processes)
+    reward = load_reward(cfg.reward, device, at="evaluate.reward")
+
+    key = (cfg.baseline, cfg.seed, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.prompts.path,
+           cfg.prompts.offset, cfg.prompts.limit, cfg.max_prompt_length)
+    if baseline_cache is not None and key in baseline_cache:
+        base = baseline_cache[key]
+        log.info("baseline samples reused (same prompts, settings and seed)")
+    else:
+        log.info("sampling %d responses from the baseline %s", len(mine), cfg.baseline)
+        base = sample_and_score(baseline, baseline_tokenizer, mine, reward, cfg, accelerator)
+        if baseline_cache is not None:
+            baseline_cache[key] = base
+    log.info("sampling %d responses from the candidate %s", len(mine), cfg.policy)
+    cand = sample_and_score(candidate, tokenizer, mine, reward, cfg, accelerator)
+    kl = sequence_kl(candidate, baseline, cand, cfg, tokenizer.pad_token_id, accelerator)
+
+    rows = [{"prompt": p.messages, "candidate": ct, "baseline": bt, "reward_candidate": float(rc),
+             "reward_baseline": float(rb), "length_candidate": lc, "length_baseline": lb, "kl": float(k),
+             "stopped_candidate": bool(sc), "stopped_baseline": bool(sb)}
+            for p, ct, bt, rc, rb, lc, lb, k, sc, sb in zip(mine, cand.texts, base.texts, cand.rewards, base.rewards,
+                                                          cand.lengths, base.lengths, kl, cand.rollout.stopped,
+                                                          base.rollout.stopped)]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        rows = gather_object(rows)
+    summary = summarize([r["reward_candidate"] for r in rows], [r["reward_baseline"] for r in rows],
+                        [r["length_candidate"] for r in rows], [r["length_baseline"] for r in rows],
+                        [r["kl"] for r in rows], [r["stopped_candidate"] for r in rows],
+                        [r["stopped_baseline"] for r in rows], cfg.tie_margin)
+    summary.update({"policy": cfg.policy, "baseline": cfg.baseline,
+                    "judge": cfg.reward.model or f"rule:{cfg.reward.rule}", "data": data_report,
+                    "sampling": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+                                 "top_p": cfg.top_p, "seed": cfg.seed}})
+    if cfg.output_dir and accelerator.is_main_process:
+        summary["output_dir"] = cfg.output_dir
+        with train.atomic_dir(Path(cfg.output_dir)) as tmp:  # all the files or none: eval.json marks it complete
+            (tmp / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            plot(tmp, rows, summary, ("candidate", "baseline"))
+            train.write_json_atomic(tmp / "eval.json", summary)
+    log.info("win rate %.3f [%.3f, %.3f] (%d wins, %d ties, %d losses of %d); length-controlled %.3f; "
+             "mean reward %.4f vs %.4f; KL %.3f; length %.1f vs %.1f tokens",
+             summary["win_rate"], *summary["win_rate_ci95"], summary["wins"], summary["ties"], summary["losses"],
+             summary["n"], summary["lc_win_rate"], summary["reward_candidate"], summary["reward_baseline"],
+             summary["kl"], summary["length_candidate"]["mean"], summary["length_baseline"]["mean"])
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: list[str]) -> EvalConfig:
+    """Flags (the common case) or a recipe with key=value overrides (every EvalConfig key)."""
+    if argv and not argv[0].startswith("-"):
+        from .config import parse_cli
+
+        cfg = parse_cli(EvalConfig, argv, "python -m align.evaluate")
+        cfg.check_complete(argv[0] if "=" not in argv[0] else "overrides")
+        return cfg
+    ap = argparse.ArgumentParser(prog="python -m align.evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--policy", required=True, help="the candidate policy (folder, adapter folder, .gguf, pkg:)")
+    ap.add_argument("--baseline", required=True, help="the policy it is compared with (same tokenizer)")
+    judge = ap.add_mutually_exclusive_group(required=True)
+    judge.add_argument("--reward-model", help="a reward-model folder (align.rm's or any sequence classifier)")
+    judge.add_argument("--rule", help="a rule from reward_models/rules.py: gsm8k_exact, length, regex")
+    ap.add_argument("--rule-args", default="{}", help='the rule\'s arguments as JSON, e.g. \'{"data": "FILE"}\'')
+    ap.add_argument("--prompts", required=True, help="a prompt-bearing file (.jsonl/.json/.parquet) or dataset")
+    ap.add_argument("--format", default="auto", help="the prompts' record format (default: detected)")
+    ap.add_argument("--offset", type=int, default=0, help="skip this many records first")
+    ap.add_argument("--n", type=int, default=None, help="use at most this many records (after --offset)")
+    ap.add_argument("--out", default=None, help="folder for eval.json, samples.jsonl and the plots")
+    defaults = EvalConfig()
+    for name in ("max_new_tokens", "temperature", "top_p", "seed", "max_prompt_length", "tie_margin",
+                 "generation_batch_size", "micro_batch_size"):
+        value = getattr(defaults, name)
+        ap.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    args = ap.parse_args(argv)
+    try:
+        rule_args = json.loads(args.rule_args)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--rule-args: not JSON ({err.msg})") from None
+    overrides = {name: getattr(args, name) for name in ("max_new_tokens", "temperature", "top_p", "seed",
+                                                        "max_prompt_length", "tie_margin", "generation_batch_size",
+                                                        "micro_batch_size")}
+    layer = {
+        "policy": args.policy, "baseline": args.baseline, "output_dir": args.out,
+        "reward": {"model": args.reward_model, "rule": args.rule, "rule_args": rule_args},
+        "prompts": {"path": args.prompts, "format": args.format, "offset": args.offset, "limit": args.n},
+        **overrides,
+    }
+    return load_config(EvalConfig, layers=[layer], where="align.evaluate")
+
+
+def cli() -> None:
+    try:
+        cfg = parse_args(sys.argv[1:])
+        summary = main(cfg)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps({k: v for k, v in summary.items() if k != "data"}))
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,457 @@
+"""The whole chain as one command: SFT -> reward model -> DPO and/or PPO -> evaluation, in one run folder with one
+report.
+
+    python -m align.pipeline recipes/smollm2-135m/pipeline_hh.yaml [key=value ...]
+    accelerate launch --num_processes 8 -m align.pipeline recipes/smollm2-135m/pipeline_hh_gpu.yaml
+
+Each stage is the stage's own recipe (align/sft.py, rm.py, dpo.py, ppo.py), run in this process in
+OUTPUT_DIR/<stage>/. Its settings are layered (later wins): the stage's schema <- its recipe file (`<stage>.recipe`)
+<- what the pipeline wires in from earlier stages <- its inline settings (`<stage>.overrides`). The wiring:
+
+    sft -> dpo, ppo   the SFT model (merged, under LoRA) is their starting policy and so their KL reference
+    rm  -> ppo        the reward model is PPO's reward (and its critic's start when the two share a tokenizer)
+
+DPO and PPO both start from SFT: they are alternatives, and the evaluation compares each with the SFT model.
+Every stage's config is built and checked before the first one runs, so a typo fails in seconds, not hours.
+
+Re-running the same command: a stage whose folder holds a complete run made with the same settings and inputs is
+skipped (the log says so); one that failed resumes from its own last checkpoint (`train.save_every`); a complete one
+whose settings or inputs changed is an error (pass overwrite=true, or delete that stage's folder and the later ones).
+OUTPUT_DIR/pipeline.json records each stage's state, fingerprint and time.
+
+The end: each trained policy is evaluated against the baseline (align/evaluate.py) in OUTPUT_DIR/eval_<stage>/, and
+OUTPUT_DIR/report.md (with report.json and PNG curves) gathers every stage's headline numbers.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from dataclasses import replace as dataclass_replace
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from . import train
+from .config import STAGES, ConfigError, EvalConfig, PipelineConfig, RewardConfig, load_config, parse_cli, to_yaml
+from .formats import DataError
+
+log = logging.getLogger("align")
+POLICY_STAGES = ("sft", "dpo", "ppo")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The plan: every stage's config, built and checked up front
+
+
+@dataclass
+class Stage:
+    name: str
+    cfg: Any  # the stage's config object (SFTConfig, RMConfig, DPOConfig, PPOConfig)
+    inputs: list[str]  # earlier stages whose outputs it reads
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+
+def policy_output(stage_cfg: Any) -> str:
+    """Where a policy stage leaves the model the next stage starts from: the merged model under LoRA (a plain
+    folder that any stage loads and puts new adapters on), else the full model."""
+    return str(Path(stage_cfg.output_dir) / ("merged" if stage_cfg.lora.enabled else "model"))
+
+
+def read_recipe(path: Optional[str], where: str) -> dict:
+    from omegaconf import OmegaConf
+
+    if path is None:
+        return {}
+    if not Path(path).is_file():
+        raise ConfigError(f"{where}: recipe file {path} not found")
+    return OmegaConf.to_container(OmegaConf.load(path)) or {}
+
+
+def plan(cfg: PipelineConfig, where: str) -> list[Stage]:
+    root = Path(cfg.output_dir)
+    stages: list[Stage] = []
+    built: dict[str, Any] = {}
+    for name in cfg.stages:
+        spec = getattr(cfg, name)
+        stage_where = f"{where}: stage {name}" + (f" ({spec.recipe})" if spec.recipe else "")
+        if spec.recipe is None and not spec.overrides:
+            raise ConfigError(f"{where}: stage {name} has neither {name}.recipe nor {name}.overrides")
+        recipe = read_recipe(spec.recipe, stage_where)
+        wired: dict[str, Any] = {"output_dir": str(root / name), "resume": True, "overwrite": False}
+        inputs = []
+        if name == "sft":
+            wired["save_merged"] = True
+        if name in ("dpo", "ppo") and "sft" in built:
+            wired["model"] = {"name_or_path": policy_output(built["sft"]), "gguf_file": None, "init": "pretrained"}
+            inputs.append("sft")
+        if name == "ppo" and "rm" in built:
+            recipe.get("reward", {}).pop("rule_args", None)  # the recipe's rule gives way to the trained model
+            wired["reward"] = {"model": str(Path(built["rm"].output_dir) / "model"), "rule": None}
+            inputs.append("rm")
+        built[name] = load_config(STAGES[name], layers=[recipe, wired, spec.overrides], where=stage_where)
+        stages.append(Stage(name, built[name], inputs))
+    return stages
+
+
+def stage_main(name: str):
+    from . import dpo, ppo, rm, sft
+
+    return {"sft": sft.main, "rm": rm.main, "dpo": dpo.main, "ppo": ppo.main}[name]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bookkeeping: pipeline.json (main process only)
+
+
+class Ledger:
+    """OUTPUT_DIR/pipeline.json: per stage its status (running, failed, complete), fingerprint and seconds."""
+
+    def __init__(self, root: Path, is_main: bool):
+        self.path, self.is_main = root / "pipeline.json", is_main
+        self.state = json.loads(self.path.read_text()) if self.path.is_file() else {"stages": {}, "evaluations": {}}
+
+    def set(self, group: str, name: str, **fields) -> None:
+        self.state[group].setdefault(name, {}).update(fields)
+        if self.is_main:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            train.write_json_atomic(self.path, self.state)
+
+    def get(self, group: str, name: str) -> dict:
+        return self.state[group].get(name, {})
+
+
+def fingerprint(settings: str, input_files: list[Path]) -> str:
+    """Identity of a step's work: its resolved settings and the exact outputs it reads (their report files, which
+    change whenever the stage that wrote them runs again)."""
+    h = hashlib.sha256(settings.encode())
+    for path in input_files:
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def stage_fingerprint(stage: Stage) -> str:
+    settings = to_yaml(dataclass_replace(stage.cfg, resume=True, overwrite=False))
+    return fingerprint(settings, [Path(stage.cfg.output_dir).parent / name / "report.json" for name in stage.inputs])
+
+
+def release_memory() -> None:
+    """Between stages: drop the last stage's models and let the next stage build its own accelerate state (stages
+    may ask for different precisions; the process group, PartialState, is kept)."""
+    from accelerate.state import AcceleratorState
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    AcceleratorState._reset_state()
+
+
+def run_stage(stage: Stage, index: int, total: int, ledger: Ledger) -> dict:
+    fp = stage_fingerprint(stage)
+    report_file = stage.folder / "report.json"
+    if report_file.is_file():
+        if ledger.get("stages", stage.name).get("fingerprint") != fp:
+            raise ConfigError(
+                f"stage {stage.name}: {stage.folder} holds a complete run made with other settings or inputs; pass "
+                f"overwrite=true to run the pipeline again, or delete {stage.folder} (and the stages after it)")
+        log.info("stage %d/%d %s: complete in %s, skipped", index, total, stage.name, stage.folder)
+        return json.loads(report_file.read_text())
+    checkpoints = sorted((stage.folder / "checkpoints").glob("step-*")) if stage.folder.is_dir() else []
+    if checkpoints:
+        log.info("stage %d/%d %s: resuming the failed run in %s from %s", index, total, stage.name, stage.folder,
+                 checkpoints[-1].name)
+    else:
+        log.info("stage %d/%d %s: running in %s", index, total, stage.name, stage.folder)
+    ledger.set("stages", stage.name, status="running", fingerprint=None)
+    start = time.perf_counter()
+    try:
+        report = stage_main(stage.name)(stage.cfg)
+    except BaseException as err:
+        ledger.set("stages", stage.name, status="failed", error=f"{type(err).__name__}: {err}"[:500])
+        raise
+    finally:
+        release_memory()
+    seconds = time.perf_counter() - start
+    ledger.set("stages", stage.name, status="complete", fingerprint=fp, seconds=seconds, error=None)
+    log.info("stage %d/%d %s: done in %s", index, total, stage.name, _duration(seconds))
+    return report
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Evaluation of each trained policy against the baseline
+
+
+def evaluation_plan(cfg: PipelineConfig, stages: list[Stage]) -> tuple[list[tuple[str, EvalConfig]], Optional[str]]:
+    """(policy stage, its EvalConfig) pairs, or why there are none."""
+    by_name = {s.name: s for s in stages}
+    ev = cfg.evaluate
+    if ev.prompts is None:
+        return [], "evaluate.prompts is not set"
+    reward = ev.reward
+    if reward is None and "rm" in by_name:
+        reward = RewardConfig(model=str(by_name["rm"].folder / "model"))
+    elif reward is None and "ppo" in by_name:
+        reward = by_name["ppo"].cfg.reward
+    if reward is None:
+        return [], "no judge: no rm stage, no ppo reward and no evaluate.reward"
+    candidates = [name for name in ("dpo", "ppo") if name in by_name]
+    if "sft" in by_name:
+        baseline = policy_output(by_name["sft"].cfg)
+        if not candidates:
+            start = by_name["sft"].cfg.model
+            if start.init == "random":
+                return [], "the only policy stage (sft) starts from random weights: there is no baseline to compare"
+            candidates, baseline = ["sft"], start.name_or_path
+    elif candidates:
+        baseline = by_name[candidates[0]].cfg.model.name_or_path
+    else:
+        return [], "no policy stage (sft, dpo, ppo) to evaluate"
+    out = []
+    for name in candidates:
+        out.append((name, dataclass_replace(ev, policy=policy_output(by_name[name].cfg), baseline=baseline,
+                                            reward=reward, output_dir=str(Path(cfg.output_dir) / f"eval_{name}"))))
+    return out, None
+
+
+def held_out_overlap(ev: EvalConfig, stages: list[Stage]) -> list[str]:
+    """Stages that trained on records the evaluation also uses (same file, overlapping record ranges)."""
+    if ev.prompts is None:
+        return []
+    lo = ev.prompts.offset
+    hi = lo + ev.prompts.limit if ev.prompts.limit is not None else float("inf")
+    found = []
+    for stage in stages:
+        sources = [stage.cfg.data.train] + ([stage.cfg.data.validation] if stage.cfg.data.validation else [])
+        for src in sources:
+            s_lo = src.offset
+            s_hi = s_lo + src.limit if src.limit is not None else float("inf")
+            if Path(src.path).resolve() == Path(ev.prompts.path).resolve() and s_lo < hi and lo < s_hi:
+                found.append(stage.name)
+    return sorted(set(found))
+
+
+def run_evaluations(cfg: PipelineConfig, stages: list[Stage], ledger: Ledger) -> dict[str, dict]:
+    from . import evaluate
+
+    todo, why_not = evaluation_plan(cfg, stages)
+    if why_not:
+        log.warning("evaluation skipped: %s", why_not)
+        return {}
+    overlap = held_out_overlap(cfg.evaluate, stages)
+    if overlap:
+        log.warning("the evaluation prompts overlap the training records of %s: the win rates are not held out",
+                    ", ".join(overlap))
+    results, cache = {}, {}
+    for name, ev in todo:
+        out = Path(ev.output_dir)
+        inputs = [s.folder / "report.json" for s in stages if s.name in (name, "sft", "rm")]
+        fp = fingerprint(json.dumps(_plain(ev), sort_keys=True), inputs)
+        if (out / "eval.json").is_file() and ledger.get("evaluations", name).get("fingerprint") == fp:
+            log.info("evaluation of %s: complete in %s, skipped", name, out)
+            results[name] = json.loads((out / "eval.json").read_text())
+            continue
+        log.info("evaluation of %s against %s on %s", name, ev.baseline, ev.prompts.path)
+        start = time.perf_counter()
+        results[name] = evaluate.main(ev, baseline_cache=cache)
+        release_memory()
+        ledger.set("evaluations", name, fingerprint=fp, seconds=time.perf_counter() - start)
+    return results
+
+
+def _plain(cfg: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The report
+
+
+def read_metrics(folder: Path) -> list[dict]:
+    path = folder / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+# Per stage: (metric key, title) of the curves worth a look, and the headline of its report.json.
+CURVES = {
+    "sft": [("loss/train", "training loss"), ("loss/val", "held-out loss")],
+    "rm": [("loss/train", "training loss"), ("accuracy/val", "held-out accuracy")],
+    "dpo": [("loss/train", "training loss"), ("accuracy/val", "held-out preference accuracy"),
+            ("rewards/margin/train", "implicit reward margin")],
+    "ppo": [("reward/score", "reward (rollouts)"), ("kl/ref", "KL to the reference"),
+            ("response/length", "response length (tokens)")],
+}
+
+
+def plot_curves(name: str, rows: list[dict], path: Path) -> bool:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    curves = [(key, title) for key, title in CURVES[name] if any(key in r for r in rows)]
+    if not curves:
+        return False
+    fig = Figure(figsize=(4.2 * len(curves), 3.2))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(curves), squeeze=False)[0]
+    for ax, (key, title) in zip(axes, curves):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot(*zip(*points), marker="o" if len(points) < 8 else None, ms=4)
+        ax.set(title=title, xlabel="step" if name != "ppo" else "iteration")
+        ax.grid(alpha=0.3)
+    fig.suptitle(name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _duration(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "n/a"
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def stage_headline(name: str, report: dict) -> str:
+    """One line of what a stage achieved, from its report.json (the numbers its metrics.jsonl holds)."""
+    if name == "sft":
+        return (f"held-out loss {_fmt(report.get('val_loss_before'), 4)} -> {_fmt(report.get('val_loss'), 4)} "
+                f"(perplexity {_fmt(report.get('val_ppl_before'), 2)} -> {_fmt(report.get('val_ppl'), 2)})")
+    if name == "rm":
+        return (f"held-out pairwise accuracy {_fmt(report.get('val_accuracy_before'))} -> "
+                f"{_fmt(report.get('val_accuracy'))}")
+    if name == "dpo":
+        return (f"held-out preference accuracy {_fmt(report.get('val_accuracy_before'))} -> "
+                f"{_fmt(report.get('val_accuracy'))}, implicit reward margin {_fmt(report.get('val_margin_before'), 4)}"
+                f" -> {_fmt(report.get('val_margin'), 4)}")
+    before, after = report.get("before", {}), report.get("after", {})
+    return (f"held-out reward {_fmt(before.get('reward/val'), 4)} -> {_fmt(after.get('reward/val'), 4)}, KL to the "
+            f"reference {_fmt(after.get('kl/val'))}, length {_fmt(before.get('response/length/val'), 1)} -> "
+            f"{_fmt(after.get('response/length/val'), 1)} tokens")
+
+
+def eval_row(name: str, ev: dict) -> str:
+    lo, hi = ev["win_rate_ci95"]
+    lengths = f"{ev['length_candidate']['mean']:.1f} / {ev['length_baseline']['mean']:.1f}"
+    return (f"| {name} | {ev['win_rate']:.3f} [{lo:.3f}, {hi:.3f}] | {ev['lc_win_rate']:.3f} | "
+            f"{ev['wins']} / {ev['ties']} / {ev['losses']} | {ev['reward_candidate']:.4f} / "
+            f"{ev['reward_baseline']:.4f} | {ev['kl']:.3f} | {lengths} | {ev['n']} |")
+
+
+EVAL_HEADER = ("| policy | win rate [95% CI] | LC win rate | wins / ties / losses | mean reward (policy / baseline) "
+               "| KL to baseline | length, tokens (policy / baseline) | prompts |\n"
+               "| --- | --- | --- | --- | --- | --- | --- | --- |")
+
+
+def write_report(cfg: PipelineConfig, stages: list[Stage], reports: dict[str, dict], evals: dict[str, dict],
+                 ledger: Ledger, overlap: list[str]) -> Path:
+    root = Path(cfg.output_dir)
+    lines = [f"# align pipeline: {root}", "",
+             f"Stages: {' -> '.join(s.name for s in stages)}. Every number below is read from the stage's report.json "
+             f"(the same values as its metrics.jsonl) and the evaluations' eval.json.", "",
+             "| stage | result | time | folder |", "| --- | --- | --- | --- |"]
+    for s in stages:
+        seconds = ledger.get("stages", s.name).get("seconds")
+        lines.append(f"| {s.name} | {stage_headline(s.name, reports[s.name])} | {_duration(seconds)} | `{s.folder}` |")
+    if evals:
+        first = next(iter(evals.values()))
+        sampling = first["sampling"]
+        lines += ["", "## Policies against the baseline", "",
+                  f"Baseline `{first['baseline']}`; judge `{first['judge']}`; {first['n']} held-out prompts from "
+                  f"`{cfg.evaluate.prompts.path}`; both sides sampled with temperature {sampling['temperature']}"
+                  f", at most {sampling['max_new_tokens']} new tokens, seed {sampling['seed']}. "
+                  f"LC: length-controlled (the reward difference regressed on the length difference). KL: "
+                  f"KL(policy || baseline) per response, in nats, on the policy's samples.", "", EVAL_HEADER]
+        lines += [eval_row(name, ev) for name, ev in evals.items()]
+        if overlap:
+            lines += ["", f"**Warning:** the evaluation prompts overlap the training records of {', '.join(overlap)}; "
+                          f"these win rates are not held out."]
+        for name, ev in evals.items():
+            rel = Path(ev["output_dir"]).relative_to(root) if "output_dir" in ev else Path(f"eval_{name}")
+            lines += ["", f"### {name}", "", f"![rewards]({rel}/rewards.png) ![KL vs reward]({rel}/kl_vs_reward.png) "
+                                             f"![lengths]({rel}/lengths.png)"]
+    lines += ["", "## Stages"]
+    for s in stages:
+        lines += ["", f"### {s.name}", "", stage_headline(s.name, reports[s.name]) + "."]
+        if plot_curves(s.name, read_metrics(s.folder), root / f"curves_{s.name}.png"):
+            lines += ["", f"![{s.name} curves](curves_{s.name}.png)"]
+    path = root / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    train.write_json_atomic(root / "report.json", {
+        "stages": {s.name: {"folder": str(s.folder), "headline": stage_headline(s.name, reports[s.name]),
+                            "seconds": ledger.get("stages", s.name).get("seconds"), "report": reports[s.name]}
+                   for s in stages},
+        "evaluations": evals, "evaluation_overlaps_training": overlap})
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The recipe
+
+
+def main(cfg: PipelineConfig, where: str = "pipeline") -> dict:
+    from accelerate import PartialState
+
+    stages = plan(cfg, where)  # every stage's config checked before anything runs
+    is_main = PartialState().is_main_process
+    root = Path(cfg.output_dir)
+    if cfg.overwrite and is_main and root.exists():
+        import shutil
+
+        shutil.rmtree(root)
+    PartialState().wait_for_everyone()
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "pipeline.yaml").write_text(to_yaml(cfg))
+    ledger = Ledger(root, is_main)
+    start = time.perf_counter()
+    reports = {}
+    for i, stage in enumerate(stages, 1):
+        reports[stage.name] = run_stage(stage, i, len(stages), ledger)
+    evals = run_evaluations(cfg, stages, ledger)
+    overlap = held_out_overlap(cfg.evaluate, stages) if evals else []
+    summary = {"report": str(root / "report.md"), "seconds": time.perf_counter() - start,
+               "stages": {s.name: stage_headline(s.name, reports[s.name]) for s in stages},
+               "evaluations": {name: {k: ev[k] for k in ("win_rate", "win_rate_ci95", "lc_win_rate", "kl", "n")}
+                               for name, ev in evals.items()}}
+    if is_main:
+        path = write_report(cfg, stages, reports, evals, ledger, overlap)
+        print_headline(summary, path)
+    return summary
+
+
+def print_headline(summary: dict, path: Path) -> None:
+    print(f"\nreport: {path}")
+    for name, line in summary["stages"].items():
+        print(f"  {name:4s} {line}")
+    for name, ev in summary["evaluations"].items():
+        lo, hi = ev["win_rate_ci95"]
+        print(f"  {name} vs baseline: win rate {ev['win_rate']:.3f} [{lo:.3f}, {hi:.3f}], length-controlled "
+              f"{ev['lc_win_rate']:.3f}, KL {ev['kl']:.3f} ({ev['n']} prompts)")
+    print(f"  total {_duration(summary['seconds'])} (this invocation)")
+    sys.stdout.flush()
+
+
+def cli() -> None:
+    try:
+        cfg = parse_cli(PipelineConfig, sys.argv[1:], "python -m align.pipeline")
+        main(cfg, sys.argv[1] if len(sys.argv) > 1 else "pipeline")
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()
