@@ -1,4 +1,4 @@
-# The README's two commands: `make demo` (set up, then run the main job) and `make test` (set up, then the tests).
+# The README's two commands: `make demo` (set up, then run the main job: the whole pipeline) and `make test` (set up, then the tests).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: setup
-	$(PY) -m align.sft recipes/smollm2-135m/sft_gsm8k.yaml
+	$(PY) -m align.pipeline recipes/smollm2-135m/pipeline_hh.yaml
 
 test: setup
 	$(PY) -m pytest -q -ra

@@ -404,8 +404,9 @@ def write_report(cfg: PipelineConfig, stages: list[Stage], reports: dict[str, di
 def main(cfg: PipelineConfig, where: str = "pipeline") -> dict:
     from accelerate import PartialState
 
-    stages = plan(cfg, where)  # every stage's config checked before anything runs
     is_main = PartialState().is_main_process
+    train.setup_logging(is_main)  # the stages set it up too, but a rerun may skip them all
+    stages = plan(cfg, where)  # every stage's config checked before anything runs
     root = Path(cfg.output_dir)
     if cfg.overwrite and is_main and root.exists():
         import shutil
