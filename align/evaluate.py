@@ -8,7 +8,8 @@ Both policies answer the same held-out prompts with the same sampling settings a
 one judge (a reward model, ours or any one-output sequence-classification model, or a rule from
 reward_models/rules.py) scores every response. Per prompt i, d_i = r(candidate_i) - r(baseline_i):
 
-    win rate      mean of w_i: 1 if d_i > tie_margin, 1/2 if |d_i| <= tie_margin, 0 otherwise; the 95% interval is
+    win rate      mean of w_i: 1 if d_i > tie_margin, 1/2 if |d_i| <= tie_margin or the two responses are the same
+                  text (the shared seed makes that common for nearby policies), 0 otherwise; the 95% interval is
                   mean +- 1.96 * sd(w) / sqrt(n) (the normal interval AlpacaEval reports as its standard error).
     LC win rate   AlpacaEval 2's length control (Dubois et al. 2024) on reward differences: regress d_i on the length
                   feature tanh(l_i / sd(l)), l_i = len(candidate_i) - len(baseline_i) in tokens, by least squares
@@ -92,12 +93,17 @@ def length_summary(lengths: Sequence[int], stopped: Sequence[bool]) -> dict:
 
 def summarize(candidate_rewards: Sequence[float], baseline_rewards: Sequence[float],
               candidate_lengths: Sequence[int], baseline_lengths: Sequence[int], kl: Sequence[float],
-              candidate_stopped: Sequence[bool], baseline_stopped: Sequence[bool], tie_margin: float = 0.0) -> dict:
-    """Everything the evaluation reports, from per-prompt arrays (index i is prompt i on both sides)."""
+              candidate_stopped: Sequence[bool], baseline_stopped: Sequence[bool], tie_margin: float = 0.0,
+              same_response: Optional[Sequence[bool]] = None) -> dict:
+    """Everything the evaluation reports, from per-prompt arrays (index i is prompt i on both sides). Where the two
+    responses are the same text (`same_response`) the difference is 0, a tie, whatever rounding the judge adds."""
     rc, rb = np.asarray(candidate_rewards, np.float64), np.asarray(baseline_rewards, np.float64)
     lc, lb = np.asarray(candidate_lengths, np.float64), np.asarray(baseline_lengths, np.float64)
-    out = win_rate(rc - rb, tie_margin)
-    out.update(length_controlled(rc - rb, lc - lb, tie_margin))
+    diff = rc - rb
+    if same_response is not None:
+        diff = np.where(np.asarray(same_response, dtype=bool), 0.0, diff)
+    out = win_rate(diff, tie_margin)
+    out.update(length_controlled(diff, lc - lb, tie_margin))
     kl = np.asarray(kl, np.float64)
     out.update({
         "kl": float(kl.mean()), "kl_sd": float(kl.std(ddof=1)) if len(kl) > 1 else 0.0,
@@ -259,7 +265,8 @@ def main(cfg: EvalConfig, baseline_cache: Optional[dict] = None, accelerator=Non
     summary = summarize([r["reward_candidate"] for r in rows], [r["reward_baseline"] for r in rows],
                         [r["length_candidate"] for r in rows], [r["length_baseline"] for r in rows],
                         [r["kl"] for r in rows], [r["stopped_candidate"] for r in rows],
-                        [r["stopped_baseline"] for r in rows], cfg.tie_margin)
+                        [r["stopped_baseline"] for r in rows], cfg.tie_margin,
+                        [r["candidate"] == r["baseline"] for r in rows])
     summary.update({"policy": cfg.policy, "baseline": cfg.baseline,
                     "judge": cfg.reward.model or f"rule:{cfg.reward.rule}", "data": data_report,
                     "sampling": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,

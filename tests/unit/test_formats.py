@@ -238,3 +238,26 @@ def test_ranked_lists_with_ranks_or_scores(tmp_path):
 def test_bad_preference_and_ranking_records(tmp_path, rec, pattern):
     with pytest.raises(DataError, match=rf"b\.jsonl:1: {pattern}"):
         prefs(write_jsonl(tmp_path / "b.jsonl", [rec]))
+
+
+def test_offset_and_limit_read_a_slice_with_the_files_line_numbers():
+    examples = sft(GSM8K, offset=10, limit=3)
+    lines = open(GSM8K).read().splitlines()
+    assert [e.messages[0]["content"] for e in examples] == [json.loads(lines[i])["question"] for i in (10, 11, 12)]
+    assert [e.origin.line for e in examples] == [11, 12, 13]
+    assert len(sft(GSM8K, offset=395)) == 5
+    with pytest.raises(DataError, match="no records from offset=400 on"):
+        sft(GSM8K, offset=400)
+
+
+def test_hh_transcripts_as_sft_demonstrations_are_the_chosen_dialogue():
+    hh = str(ROOT / "data" / "hh_harmless.jsonl")
+    first = json.loads(open(hh).readline())
+    example = sft(hh, limit=1)[0]
+    assert example.messages == formats.parse_hh(None, "chosen", first["chosen"])
+    assert example.messages[-1]["role"] == "assistant" and example.messages[0]["role"] == "user"
+    # Rows 1481, 1506 and 1791 have an empty chosen reply: an error naming the line, or a counted skip.
+    with pytest.raises(DataError, match=r"hh_harmless.jsonl:1481: field 'chosen'"):
+        sft(hh, offset=1470, limit=20)
+    kept = sft(hh, offset=1470, limit=20, skip_invalid=True)
+    assert len(kept) == 19 and sum(kept.skipped.values()) == 1

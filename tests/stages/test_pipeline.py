@@ -1,0 +1,182 @@
+"""align.pipeline end to end on tiny random models: all four stages and the evaluation in seconds, the wiring,
+skip-on-rerun, resume of a failed stage, and a report whose numbers are the metrics files' numbers."""
+
+import json
+import os
+import re
+
+import pytest
+
+from align import losses, pipeline
+from align.config import ConfigError, PipelineConfig, load_config
+
+from helpers import ROOT
+
+TINY_PIPELINE = "recipes/tiny/pipeline.yaml"
+
+
+def make_config(out, *overrides) -> PipelineConfig:
+    return load_config(PipelineConfig, TINY_PIPELINE, [f"output_dir={out}", "sft.overrides.log.progress=false",
+                                                       "rm.overrides.log.progress=false",
+                                                       "dpo.overrides.log.progress=false",
+                                                       "ppo.overrides.log.progress=false", *overrides])
+
+
+def reset_accelerate():
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    PartialState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One uninterrupted run of the tiny pipeline, shared by the tests that only read it or rerun it."""
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        reset_accelerate()
+        summary = pipeline.main(make_config(out))
+    finally:
+        reset_accelerate()
+        os.chdir(cwd)
+    return out, summary
+
+
+def metrics(folder, key):
+    return [r[key] for r in map(json.loads, open(folder / "metrics.jsonl")) if key in r]
+
+
+def test_all_four_stages_run_and_feed_each_other(finished):
+    out, summary = finished
+    for name in ("sft", "rm", "dpo", "ppo"):
+        assert (out / name / "report.json").is_file(), name
+    # SFT's model is where DPO and PPO start; the reward model is PPO's reward and (same tokenizer, causal) its critic.
+    dpo_cfg = (out / "dpo" / "config.yaml").read_text()
+    ppo_report = json.loads((out / "ppo" / "report.json").read_text())
+    assert f"name_or_path: {out / 'sft' / 'model'}" in dpo_cfg
+    assert f"model: {out / 'rm' / 'model'}" in (out / "ppo" / "config.yaml").read_text()
+    assert ppo_report["critic_init"] == "reward"
+    for name in ("dpo", "ppo"):
+        ev = json.loads((out / f"eval_{name}" / "eval.json").read_text())
+        assert ev["baseline"] == str(out / "sft" / "model") and ev["judge"] == str(out / "rm" / "model")
+        assert ev["n"] == summary["evaluations"][name]["n"] > 0
+    assert set(summary["evaluations"]) == {"dpo", "ppo"}
+
+
+def test_report_files_exist_and_their_numbers_are_the_metrics_files_numbers(finished):
+    out, _ = finished
+    report_md = (out / "report.md").read_text()
+    report = json.loads((out / "report.json").read_text())
+    for name in ("sft", "rm", "dpo", "ppo"):
+        assert (out / f"curves_{name}.png").stat().st_size > 1000
+        assert f"curves_{name}.png" in report_md
+    for name in ("dpo", "ppo"):
+        for plot in ("rewards.png", "kl_vs_reward.png", "lengths.png"):
+            assert (out / f"eval_{name}" / plot).is_file() and f"eval_{name}/{plot}" in report_md
+    # Stage numbers: the last held-out values logged in each metrics.jsonl.
+    sft_loss = metrics(out / "sft", "loss/val")
+    assert report["stages"]["sft"]["report"]["val_loss"] == pytest.approx(sft_loss[-1])
+    assert f"{sft_loss[0]:.4f} -> {sft_loss[-1]:.4f}" in report_md
+    rm_acc = metrics(out / "rm", "accuracy/val")
+    assert f"held-out pairwise accuracy {rm_acc[0]:.3f} -> {rm_acc[-1]:.3f}" in report_md
+    dpo_acc = metrics(out / "dpo", "accuracy/val")
+    assert f"held-out preference accuracy {dpo_acc[0]:.3f} -> {dpo_acc[-1]:.3f}" in report_md
+    ppo_reward = metrics(out / "ppo", "reward/val")
+    assert f"held-out reward {ppo_reward[0]:.4f} -> {ppo_reward[-1]:.4f}" in report_md
+    # Evaluation numbers: eval.json, whose win rate is the per-prompt rows' win rate.
+    for name in ("dpo", "ppo"):
+        ev = json.loads((out / f"eval_{name}" / "eval.json").read_text())
+        rows = [json.loads(line) for line in (out / f"eval_{name}" / "samples.jsonl").read_text().splitlines()]
+        wins = sum(0.5 if r["candidate"] == r["baseline"] or r["reward_candidate"] == r["reward_baseline"] else
+                   float(r["reward_candidate"] > r["reward_baseline"]) for r in rows)
+        assert ev["win_rate"] == pytest.approx(wins / len(rows))
+        lo, hi = ev["win_rate_ci95"]
+        evaluation_table = report_md.split("## Policies against the baseline")[1]
+        row = re.search(rf"^\| {name} \| (.*)$", evaluation_table, re.M).group(1)
+        assert row.startswith(f"{ev['win_rate']:.3f} [{lo:.3f}, {hi:.3f}] | {ev['lc_win_rate']:.3f} |")
+        assert f"| {ev['kl']:.3f} |" in row
+        assert report["evaluations"][name]["win_rate"] == ev["win_rate"]
+
+
+def test_rerun_skips_complete_stages_and_evaluations(finished, monkeypatch, capsys):
+    out, summary = finished
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*/report.json")}
+
+    def must_not_run(name):
+        raise AssertionError(f"stage {name} ran again")
+
+    monkeypatch.setattr(pipeline, "stage_main", must_not_run)
+    monkeypatch.setattr("align.evaluate.main", lambda *a, **k: pytest.fail("an evaluation ran again"))
+    again = pipeline.main(make_config(out))
+    logged = capsys.readouterr().out  # align logs to stdout
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/report.json")} == before
+    for i, name in enumerate(("sft", "rm", "dpo", "ppo"), 1):
+        assert f"stage {i}/4 {name}: complete in {out / name}, skipped" in logged
+    assert "evaluation of ppo: complete" in logged
+    assert again["evaluations"] == summary["evaluations"] and again["stages"] == summary["stages"]
+
+
+def test_a_complete_stage_with_changed_settings_is_an_error(finished):
+    out, _ = finished
+    with pytest.raises(ConfigError, match="stage dpo: .* holds a complete run made with other settings"):
+        pipeline.main(make_config(out, "dpo.overrides.loss.beta=0.5"))
+
+
+def test_a_failed_stage_resumes_from_its_own_checkpoint(tmp_path, finished, monkeypatch, capsys):
+    """PPO fails in its 3rd iteration (after the checkpoint at 2); the rerun skips SFT, RM and DPO and resumes PPO,
+    which then logs exactly the rows of the uninterrupted run."""
+    out = tmp_path / "run"
+    real_gae, calls = losses.gae, []
+
+    def failing_gae(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected failure")
+        return real_gae(*args, **kwargs)
+
+    monkeypatch.setattr(losses, "gae", failing_gae)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        pipeline.main(make_config(out, "ppo.overrides.train.save_every=2"))
+    ledger = json.loads((out / "pipeline.json").read_text())
+    assert ledger["stages"]["ppo"]["status"] == "failed" and "injected failure" in ledger["stages"]["ppo"]["error"]
+    assert ledger["stages"]["dpo"]["status"] == "complete"
+    assert not (out / "ppo" / "report.json").exists() and (out / "ppo" / "checkpoints" / "step-000002").is_dir()
+
+    monkeypatch.setattr(losses, "gae", real_gae)
+    ran = []
+    real_stage_main = pipeline.stage_main
+    monkeypatch.setattr(pipeline, "stage_main", lambda name: ran.append(name) or real_stage_main(name))
+    capsys.readouterr()
+    pipeline.main(make_config(out, "ppo.overrides.train.save_every=2"))
+    logged = capsys.readouterr().out
+    assert ran == ["ppo"]
+    assert "stage 4/4 ppo: resuming the failed run" in logged and "(step 2)" in logged
+    uninterrupted, _ = finished
+    keep = lambda row: {k: v for k, v in row.items() if not k.startswith("perf/")}  # noqa: E731
+    resumed_rows = [keep(json.loads(line)) for line in open(out / "ppo" / "metrics.jsonl")]
+    reference_rows = [keep(json.loads(line)) for line in open(uninterrupted / "ppo" / "metrics.jsonl")]
+    assert resumed_rows == reference_rows
+    assert json.loads((out / "pipeline.json").read_text())["stages"]["ppo"]["status"] == "complete"
+
+
+def test_bad_pipeline_recipes_fail_before_any_stage_runs(tmp_path):
+    with pytest.raises(ConfigError, match="rm feeds ppo, so it must come first"):
+        make_config(tmp_path / "x", "stages=[sft,ppo,rm]")
+    with pytest.raises(ConfigError, match="stages"):
+        make_config(tmp_path / "x", "stages=[sft,reward]")
+    with pytest.raises(ConfigError, match="settings for a stage that is not in stages"):
+        make_config(tmp_path / "x", "stages=[sft,rm]")
+    with pytest.raises(ConfigError, match="the pipeline sets it"):
+        make_config(tmp_path / "x", "sft.overrides.output_dir=elsewhere")
+    with pytest.raises(ConfigError, match=r"stage dpo \(recipes/tiny/dpo.yaml\): .*loss.beta"):
+        pipeline.main(make_config(tmp_path / "x", "dpo.overrides.loss.beta=oops"))
+    assert not (tmp_path / "x").exists()  # nothing was written
+
+
+def test_evaluation_prompts_that_overlap_training_records_are_flagged(tmp_path):
+    cfg = make_config(tmp_path / "x", "evaluate.prompts.offset=50")  # the tiny RM and DPO read records 0-95
+    assert pipeline.held_out_overlap(cfg.evaluate, pipeline.plan(cfg, "test")) == ["dpo", "rm"]
+    cfg = make_config(tmp_path / "x")
+    assert pipeline.held_out_overlap(cfg.evaluate, pipeline.plan(cfg, "test")) == []

@@ -1,0 +1,84 @@
+"""align.evaluate's statistics against hand computations: win rate with ties, its interval, length control."""
+
+import math
+
+import numpy as np
+import pytest
+
+from align.evaluate import length_controlled, length_summary, outcomes, summarize, win_rate
+
+
+def test_win_rate_counts_ties_half_and_its_interval_is_the_normal_one():
+    # d = [1, -1, 0, 2] -> outcomes [1, 0, 1/2, 1]; mean 0.625; deviations .375 -.625 -.125 .375 -> squares sum
+    # 0.6875, sample variance 0.6875 / 3, half-width 1.96 * sqrt(0.6875 / 3) / sqrt(4).
+    result = win_rate([1.0, -1.0, 0.0, 2.0])
+    half = 1.96 * math.sqrt(0.6875 / 3) / 2
+    assert result["win_rate"] == pytest.approx(0.625)
+    assert result["win_rate_ci95"] == pytest.approx([0.625 - half, 1.0])  # the upper end is clipped at 1
+    assert (result["wins"], result["ties"], result["losses"], result["n"]) == (2, 1, 1, 4)
+
+
+def test_tie_margin_makes_small_differences_ties():
+    assert outcomes([0.05, -0.05, 0.2, -0.3], tie_margin=0.1).tolist() == [0.5, 0.5, 1.0, 0.0]
+    assert win_rate([0.05, -0.05, 0.2, -0.3], tie_margin=0.1)["win_rate"] == pytest.approx(0.5)
+    assert win_rate([0.05, -0.05, 0.2, -0.3])["win_rate"] == pytest.approx(0.5)  # 2 of 4 without the margin
+
+
+def test_identical_outcomes_have_a_zero_width_interval():
+    result = win_rate([0.0, 0.0, 0.0])
+    assert result["win_rate"] == 0.5 and result["win_rate_ci95"] == [0.5, 0.5]
+
+
+def test_length_control_by_hand():
+    # Length differences [-1, 0, 1]: sd 1, feature tanh([-1, 0, 1]) = [-t, 0, t] with t = tanh(1); mean 0.
+    # Reward differences [0, 1, 5], mean 2: slope = sum(f (d - 2)) / sum(f^2) = t (2 + 3) / (2 t^2) = 5 / (2 t).
+    # Controlled: d - slope f = [2.5, 1, 2.5], all wins; raw outcomes [1/2, 1, 1].
+    t = math.tanh(1.0)
+    result = length_controlled([0.0, 1.0, 5.0], [-1.0, 0.0, 1.0])
+    assert result["length_slope"] == pytest.approx(5 / (2 * t))
+    assert result["intercept"] == pytest.approx(2.0)
+    assert result["lc_win_rate"] == 1.0
+    assert win_rate([0.0, 1.0, 5.0])["win_rate"] == pytest.approx(2.5 / 3)
+
+
+def test_a_judge_that_only_pays_for_length_gives_one_half_after_length_control():
+    lengths = np.array([-30.0, -12.0, -5.0, 4.0, 9.0, 40.0])
+    diff = 3.0 * np.tanh(lengths / lengths.std(ddof=1))  # reward difference explained by length alone
+    raw = win_rate(diff)["win_rate"]
+    controlled = length_controlled(diff, lengths, tie_margin=1e-9)
+    assert raw == pytest.approx(0.5)  # three longer and three shorter
+    assert controlled["length_slope"] == pytest.approx(3.0)
+    assert controlled["lc_win_rate"] == 0.5  # every controlled difference is 0: all ties
+
+
+def test_length_control_credits_a_shorter_but_better_policy():
+    # The candidate is shorter on 3 of 4 prompts and the judge pays 2 per unit of the length feature, so it loses on
+    # raw rewards; at equal length it is 0.5 better everywhere.
+    lengths = np.array([-10.0, -20.0, -30.0, 10.0])
+    feature = np.tanh(lengths / lengths.std(ddof=1))
+    diff = 0.5 + 2.0 * feature
+    assert win_rate(diff)["win_rate"] == 0.25
+    result = length_controlled(diff, lengths)
+    assert result["length_slope"] == pytest.approx(2.0) and result["intercept"] == pytest.approx(0.5)
+    assert result["lc_win_rate"] == 1.0
+
+
+def test_without_length_spread_the_length_effect_is_not_estimated():
+    result = length_controlled([1.0, -1.0, 2.0], [5.0, 5.0, 5.0])
+    assert result["length_slope"] is None and result["lc_win_rate"] == pytest.approx(2 / 3)
+
+
+def test_length_summary_and_summarize():
+    summary = length_summary([10, 20, 30, 40], [True, False, True, True])
+    assert summary["mean"] == 25 and summary["median"] == 25 and summary["eos_rate"] == 0.75
+    assert summary["p10"] == pytest.approx(13.0) and summary["p90"] == pytest.approx(37.0)
+    out = summarize([1.0, 2.0, 0.0], [0.5, 2.0, 1.0], [5, 6, 7], [5, 6, 9], [0.1, 0.2, 0.6], [True] * 3, [True] * 3)
+    assert out["win_rate"] == pytest.approx(0.5) and out["n"] == 3
+    assert out["kl"] == pytest.approx(0.3) and out["reward_diff"] == pytest.approx(-0.5 / 3)
+    assert out["reward_candidate"] == pytest.approx(1.0) and out["reward_baseline"] == pytest.approx(3.5 / 3)
+
+
+def test_identical_responses_are_ties_whatever_the_judge_rounding():
+    out = summarize([0.5000001, 1.0], [0.5, 0.2], [4, 4], [4, 3], [0.0, 0.1], [True] * 2, [True] * 2,
+                    same_response=[True, False])
+    assert (out["wins"], out["ties"], out["losses"]) == (1, 1, 0)
