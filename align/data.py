@@ -287,6 +287,12 @@ def shard(items: Sequence, process_index: int, num_processes: int) -> list:
     return list(items[process_index * per: (process_index + 1) * per])
 
 
+def spread(items: Sequence, process_index: int, num_processes: int) -> list:
+    """Every item, dealt out over the processes (sizes may differ by one): for evaluation, where nothing is lost
+    to rounding and no process steps in lockstep with the others."""
+    return list(items[process_index::num_processes])
+
+
 def chunks(items: Sequence, size: int) -> list[list]:
     return [list(items[i: i + size]) for i in range(0, len(items), size)]
 

@@ -14,7 +14,9 @@ reward_models/rules.py) scores every response. Per prompt i, d_i = r(candidate_i
     LC win rate   AlpacaEval 2's length control (Dubois et al. 2024) on reward differences: regress d_i on the length
                   feature tanh(l_i / sd(l)), l_i = len(candidate_i) - len(baseline_i) in tokens, by least squares
                   (d = a + b * feature); the win rate of d_i - b * feature_i, the difference the two responses would
-                  have at equal length. A judge that only rewards length gives 0.5.
+                  have at equal length. A reward difference that is a function of that feature alone gives 0.5.
+                  Null when the feature hardly varies (one side far longer on every prompt: length and policy
+                  are then confounded) or with fewer than 3 prompts.
     KL            KL(candidate || baseline) on the candidate's own samples: sum over response tokens of
                   log pi_c(y_t) - log pi_b(y_t) under the sampling temperature (the k1 estimator PPO logs), averaged.
     lengths       mean, median, 10th and 90th percentile in tokens, and the share that ended on EOS, for both.
@@ -39,7 +41,7 @@ import numpy as np
 import torch
 
 from . import data, formats, models, rollout, train
-from .config import ConfigError, EvalConfig, TrainConfig, load_config
+from .config import ConfigError, EvalConfig, load_config
 from .formats import DataError
 from .ppo import Prompt, decode, load_reward, policy_and_reference_logprobs, score, tokenize_prompts
 
@@ -68,21 +70,33 @@ def win_rate(diff: Sequence[float], tie_margin: float = 0.0) -> dict:
             "wins": int((w == 1).sum()), "ties": int((w == 0.5).sum()), "losses": int((w == 0).sum()), "n": n}
 
 
+MIN_FEATURE_SD = 0.05  # below this spread the length term cannot be told apart from the intercept
+
+
 def length_controlled(diff: Sequence[float], length_diff: Sequence[float], tie_margin: float = 0.0) -> dict:
-    """The win rate with the length effect regressed out (see the module docstring). With fewer than 3 prompts or
-    no spread in the length differences the effect cannot be estimated: the plain win rate, slope None."""
+    """The win rate with the length effect regressed out (see the module docstring). Not estimable (lc_win_rate
+    None) with fewer than 3 prompts, or when the length feature hardly varies: one side longer by many standard
+    deviations on every prompt saturates tanh, and length is then confounded with the policy itself."""
     d = np.asarray(diff, dtype=np.float64)
     lengths = np.asarray(length_diff, dtype=np.float64)
+    none = {"lc_win_rate": None, "length_slope": None, "intercept": None}
     sd = float(lengths.std(ddof=1)) if len(lengths) > 1 else 0.0
     if len(d) < 3 or sd == 0.0:
-        return {"lc_win_rate": float(outcomes(d, tie_margin).mean()), "length_slope": None, "intercept": None}
+        return none
     feature = np.tanh(lengths / sd)
+    if float(feature.std(ddof=1)) < MIN_FEATURE_SD:
+        return none
     centred = feature - feature.mean()
     slope = float((centred * (d - d.mean())).sum() / (centred ** 2).sum())
     intercept = float(d.mean() - slope * feature.mean())
     controlled = d - slope * feature
     return {"lc_win_rate": float(outcomes(controlled, tie_margin).mean()), "length_slope": slope,
             "intercept": intercept}
+
+
+def show(x: Optional[float], digits: int = 3) -> str:
+    """A number for people; "n/a" where a statistic could not be estimated (JSON keeps null)."""
+    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 def length_summary(lengths: Sequence[int], stopped: Sequence[bool]) -> dict:
@@ -158,7 +172,14 @@ def sequence_kl(candidate, baseline, samples: Samples, cfg: EvalConfig, pad_id: 
     logps, base_logps = policy_and_reference_logprobs(candidate, baseline, samples.rollout, cfg.micro_batch_size,
                                                       cfg.temperature, pad_id, accelerator)
     per_token = (logps - base_logps).cpu()
-    return torch.stack([piece.sum() for piece in torch.split(per_token, samples.lengths)])
+    return torch.tensor([piece.sum().item() for piece in torch.split(per_token, samples.lengths)])
+
+
+def load_policy(location: str, which: str):
+    try:
+        return models.load_policy_for_inference(location)
+    except OSError as err:
+        raise ConfigError(f"evaluate.{which}={location}: cannot load it: {err}") from None
 
 
 def check_same_vocabulary(candidate_tokenizer, baseline_tokenizer, cfg: EvalConfig) -> None:
@@ -188,7 +209,7 @@ def plot(out: Path, rows: list[dict], summary: dict, names: tuple[str, str]) -> 
     ax.hist(rb, bins=bins, alpha=0.55, label=f"{names[1]} (mean {summary['reward_baseline']:.3f})")
     ax.hist(rc, bins=bins, alpha=0.55, label=f"{names[0]} (mean {summary['reward_candidate']:.3f})")
     ax.set(xlabel="reward", ylabel="responses",
-           title=f"win rate {summary['win_rate']:.3f}, length-controlled {summary['lc_win_rate']:.3f}")
+           title=f"win rate {summary['win_rate']:.3f}, length-controlled {show(summary['lc_win_rate'])}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "rewards.png", dpi=110)
@@ -223,19 +244,15 @@ def main(cfg: EvalConfig, baseline_cache: Optional[dict] = None, accelerator=Non
     prompts, settings and seed give the same responses, so they are drawn once."""
     cfg.check_complete("evaluate")
     if accelerator is None:
-        accelerator = train.make_accelerator(TrainConfig(precision=cfg.precision, batch_size=1,
-                                                         micro_batch_size=1), cfg.seed)
+        accelerator = train.plain_accelerator(cfg.precision, cfg.seed)
     device = accelerator.device
-    try:
-        candidate, tokenizer = models.load_policy_for_inference(cfg.policy)
-        baseline, baseline_tokenizer = models.load_policy_for_inference(cfg.baseline)
-    except OSError as err:
-        raise ConfigError(f"evaluate: cannot load a policy: {err}") from None
+    candidate, tokenizer = load_policy(cfg.policy, "policy")
+    baseline, baseline_tokenizer = load_policy(cfg.baseline, "baseline")
     check_same_vocabulary(tokenizer, baseline_tokenizer, cfg)
     candidate.to(device)
     baseline.to(device)
     prompts, data_report = load_prompts(cfg, tokenizer)
-    mine = data.shard(prompts, accelerator.process_index, accelerator.num_processes)
+    mine = data.spread(prompts, accelerator.process_index, accelerator.num_processes)
     reward = load_reward(cfg.reward, device, at="evaluate.reward")
 
     key = (cfg.baseline, cfg.seed, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.prompts.path,
@@ -277,10 +294,10 @@ def main(cfg: EvalConfig, baseline_cache: Optional[dict] = None, accelerator=Non
             (tmp / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             plot(tmp, rows, summary, ("candidate", "baseline"))
             train.write_json_atomic(tmp / "eval.json", summary)
-    log.info("win rate %.3f [%.3f, %.3f] (%d wins, %d ties, %d losses of %d); length-controlled %.3f; "
+    log.info("win rate %.3f [%.3f, %.3f] (%d wins, %d ties, %d losses of %d); length-controlled %s; "
              "mean reward %.4f vs %.4f; KL %.3f; length %.1f vs %.1f tokens",
              summary["win_rate"], *summary["win_rate_ci95"], summary["wins"], summary["ties"], summary["losses"],
-             summary["n"], summary["lc_win_rate"], summary["reward_candidate"], summary["reward_baseline"],
+             summary["n"], show(summary["lc_win_rate"]), summary["reward_candidate"], summary["reward_baseline"],
              summary["kl"], summary["length_candidate"]["mean"], summary["length_baseline"]["mean"])
     return summary
 

@@ -585,6 +585,17 @@ def convert_records(records: list[Record], fmt_name: str, kind: str, skip_invali
     return out
 
 
+def check_readable(source: Any, at: str, kind: str = "prompt") -> None:
+    """Read and convert a local data file now (a pipeline checks its evaluation data before hours of training);
+    errors name `at`, the file, the line and the field."""
+    if Path(source.path).suffix.lower() not in (".jsonl", ".json", ".parquet"):
+        return  # a `datasets` path: loading it may download; it is read when used
+    try:
+        load_examples(source, kind)
+    except DataError as err:
+        raise DataError(f"{at}: {err}") from None
+
+
 def load_examples(source: Any, kind: str) -> Examples:
     """Read a `config.DataSource` and convert every record to `kind`'s canonical examples."""
     records = read_records(source.path, source.split, source.limit, source.columns, source.offset)

@@ -12,12 +12,14 @@ OUTPUT_DIR/<stage>/. Its settings are layered (later wins): the stage's schema <
     rm  -> ppo        the reward model is PPO's reward (and its critic's start when the two share a tokenizer)
 
 DPO and PPO both start from SFT: they are alternatives, and the evaluation compares each with the SFT model.
-Every stage's config is built and checked before the first one runs, so a typo fails in seconds, not hours.
+Every stage's config (batch splits over the launched processes included), the evaluation's prompts and the recorded
+settings of complete stages are checked before the first stage runs, so a typo fails in seconds, not hours.
 
 Re-running the same command: a stage whose folder holds a complete run made with the same settings and inputs is
-skipped (the log says so); one that failed resumes from its own last checkpoint (`train.save_every`); a complete one
-whose settings or inputs changed is an error (pass overwrite=true, or delete that stage's folder and the later ones).
-OUTPUT_DIR/pipeline.json records each stage's state, fingerprint and time.
+skipped (the log says so); one that failed resumes from its own last checkpoint (`train.save_every`) if its settings
+and inputs are those it started with; otherwise (a complete or unfinished stage whose settings or inputs changed) it
+is an error (pass overwrite=true, or delete that stage's folder and the later ones). OUTPUT_DIR/pipeline.json
+records each stage's state, fingerprint and time.
 
 The end: each trained policy is evaluated against the baseline (align/evaluate.py) in OUTPUT_DIR/eval_<stage>/, and
 OUTPUT_DIR/report.md (with report.json and PNG curves) gathers every stage's headline numbers.
@@ -38,8 +40,9 @@ from typing import Any, Optional
 
 import torch
 
-from . import train
+from . import formats, train
 from .config import STAGES, ConfigError, EvalConfig, PipelineConfig, RewardConfig, load_config, parse_cli, to_yaml
+from .evaluate import show
 from .formats import DataError
 
 log = logging.getLogger("align")
@@ -62,9 +65,10 @@ class Stage:
 
 
 def policy_output(stage_cfg: Any) -> str:
-    """Where a policy stage leaves the model the next stage starts from: the merged model under LoRA (a plain
-    folder that any stage loads and puts new adapters on), else the full model."""
-    return str(Path(stage_cfg.output_dir) / ("merged" if stage_cfg.lora.enabled else "model"))
+    """Where a policy stage leaves its model: the merged model under LoRA (a plain folder that any stage loads and
+    puts new adapters on) when it writes one, else model/ (full weights, or the adapter folder)."""
+    merged = stage_cfg.lora.enabled and stage_cfg.save_merged
+    return str(Path(stage_cfg.output_dir) / ("merged" if merged else "model"))
 
 
 def read_recipe(path: Optional[str], where: str) -> dict:
@@ -77,7 +81,8 @@ def read_recipe(path: Optional[str], where: str) -> dict:
     return OmegaConf.to_container(OmegaConf.load(path)) or {}
 
 
-def plan(cfg: PipelineConfig, where: str) -> list[Stage]:
+def plan(cfg: PipelineConfig, where: str, num_processes: int = 1) -> list[Stage]:
+    """Every stage's config, layered and checked, with the stages it reads."""
     root = Path(cfg.output_dir)
     stages: list[Stage] = []
     built: dict[str, Any] = {}
@@ -99,8 +104,25 @@ def plan(cfg: PipelineConfig, where: str) -> list[Stage]:
             wired["reward"] = {"model": str(Path(built["rm"].output_dir) / "model"), "rule": None}
             inputs.append("rm")
         built[name] = load_config(STAGES[name], layers=[recipe, wired, spec.overrides], where=stage_where)
+        check_stage(name, built[name], num_processes, stage_where, feeds=[n for n in ("dpo", "ppo") if n in cfg.stages])
         stages.append(Stage(name, built[name], inputs))
     return stages
+
+
+def check_stage(name: str, cfg: Any, num_processes: int, where: str, feeds: list[str]) -> None:
+    """What a stage would only find out once it starts (hours in, for the last one): its batches must split over
+    the processes, and SFT must leave a merged model for the stages that start from it."""
+    try:
+        train.check_batch_split(cfg.train, num_processes)
+        if name == "ppo":
+            mini = cfg.ppo.mini_batch_size or cfg.train.batch_size
+            if mini % (num_processes * cfg.train.micro_batch_size):
+                raise ConfigError(f"ppo.mini_batch_size={mini} is not a multiple of train.micro_batch_size x "
+                                  f"processes = {cfg.train.micro_batch_size} x {num_processes}")
+        if name == "sft" and cfg.lora.enabled and not cfg.save_merged and feeds:
+            raise ConfigError(f"save_merged=false: {' and '.join(feeds)} start from SFT's merged model")
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def stage_main(name: str):
@@ -140,8 +162,13 @@ def fingerprint(settings: str, input_files: list[Path]) -> str:
 
 
 def stage_fingerprint(stage: Stage) -> str:
-    settings = to_yaml(dataclass_replace(stage.cfg, resume=True, overwrite=False))
-    return fingerprint(settings, [Path(stage.cfg.output_dir).parent / name / "report.json" for name in stage.inputs])
+    """Settings that change what a stage produces (not logging, progress bars or how often it checkpoints) and
+    the outputs it reads."""
+    from .config import LogConfig
+
+    cfg = dataclass_replace(stage.cfg, resume=True, overwrite=False, log=LogConfig(),
+                            train=dataclass_replace(stage.cfg.train, save_every=0, keep_checkpoints=1))
+    return fingerprint(to_yaml(cfg), [stage.folder.parent / name / "report.json" for name in stage.inputs])
 
 
 def release_memory() -> None:
@@ -155,23 +182,36 @@ def release_memory() -> None:
     AcceleratorState._reset_state()
 
 
+def is_complete(stage: Stage, ledger: Ledger) -> bool:
+    """The stage's folder holds a finished run of exactly these settings and inputs; a finished run of other ones
+    is an error (its outputs would silently feed the later stages)."""
+    if not (stage.folder / "report.json").is_file():
+        return False
+    if ledger.get("stages", stage.name).get("fingerprint") != stage_fingerprint(stage):
+        raise ConfigError(
+            f"stage {stage.name}: {stage.folder} holds a complete run made with other settings or inputs; pass "
+            f"overwrite=true to run the pipeline again, or delete {stage.folder} (and the stages after it)")
+    return True
+
+
 def run_stage(stage: Stage, index: int, total: int, ledger: Ledger) -> dict:
-    fp = stage_fingerprint(stage)
-    report_file = stage.folder / "report.json"
-    if report_file.is_file():
-        if ledger.get("stages", stage.name).get("fingerprint") != fp:
-            raise ConfigError(
-                f"stage {stage.name}: {stage.folder} holds a complete run made with other settings or inputs; pass "
-                f"overwrite=true to run the pipeline again, or delete {stage.folder} (and the stages after it)")
+    if is_complete(stage, ledger):
         log.info("stage %d/%d %s: complete in %s, skipped", index, total, stage.name, stage.folder)
-        return json.loads(report_file.read_text())
+        return json.loads((stage.folder / "report.json").read_text())
+    fp = stage_fingerprint(stage)
     checkpoints = sorted((stage.folder / "checkpoints").glob("step-*")) if stage.folder.is_dir() else []
+    if checkpoints and ledger.get("stages", stage.name).get("fingerprint") != fp:
+        raise ConfigError(
+            f"stage {stage.name}: {stage.folder} holds an unfinished run started with other settings or inputs; "
+            f"restore them to resume it, or delete {stage.folder} to start the stage again")
     if checkpoints:
         log.info("stage %d/%d %s: resuming the failed run in %s from %s", index, total, stage.name, stage.folder,
                  checkpoints[-1].name)
     else:
         log.info("stage %d/%d %s: running in %s", index, total, stage.name, stage.folder)
-    ledger.set("stages", stage.name, status="running", fingerprint=None)
+    # The fingerprint goes in first: a run that dies (even after writing report.json) is resumed or recognised
+    # only under the same settings and inputs.
+    ledger.set("stages", stage.name, status="running", fingerprint=fp, error=None)
     start = time.perf_counter()
     try:
         report = stage_main(stage.name)(stage.cfg)
@@ -181,7 +221,7 @@ def run_stage(stage: Stage, index: int, total: int, ledger: Ledger) -> dict:
     finally:
         release_memory()
     seconds = time.perf_counter() - start
-    ledger.set("stages", stage.name, status="complete", fingerprint=fp, seconds=seconds, error=None)
+    ledger.set("stages", stage.name, status="complete", seconds=seconds)
     log.info("stage %d/%d %s: done in %s", index, total, stage.name, _duration(seconds))
     return report
 
@@ -190,10 +230,20 @@ def run_stage(stage: Stage, index: int, total: int, ledger: Ledger) -> dict:
 # Evaluation of each trained policy against the baseline
 
 
+def start_of(stage_cfg: Any) -> str:
+    """The model a stage started from, as one location (a GGUF file inside a folder joined to its path)."""
+    m = stage_cfg.model
+    return str(Path(m.name_or_path) / m.gguf_file) if m.gguf_file else m.name_or_path
+
+
 def evaluation_plan(cfg: PipelineConfig, stages: list[Stage]) -> tuple[list[tuple[str, EvalConfig]], Optional[str]]:
-    """(policy stage, its EvalConfig) pairs, or why there are none."""
+    """(policy stage, its EvalConfig) pairs, or why there are none. The baseline is evaluate.baseline when set,
+    else SFT's model for DPO and PPO (SFT's own start when SFT is the only policy stage), else each stage's start."""
     by_name = {s.name: s for s in stages}
     ev = cfg.evaluate
+    for owned in ("policy", "output_dir"):
+        if getattr(ev, owned) is not None:
+            raise ConfigError(f"evaluate.{owned}: the pipeline sets it (each trained policy, eval_<stage>/)")
     if ev.prompts is None:
         return [], "evaluate.prompts is not set"
     reward = ev.reward
@@ -203,20 +253,17 @@ def evaluation_plan(cfg: PipelineConfig, stages: list[Stage]) -> tuple[list[tupl
         reward = by_name["ppo"].cfg.reward
     if reward is None:
         return [], "no judge: no rm stage, no ppo reward and no evaluate.reward"
-    candidates = [name for name in ("dpo", "ppo") if name in by_name]
-    if "sft" in by_name:
-        baseline = policy_output(by_name["sft"].cfg)
-        if not candidates:
-            start = by_name["sft"].cfg.model
-            if start.init == "random":
-                return [], "the only policy stage (sft) starts from random weights: there is no baseline to compare"
-            candidates, baseline = ["sft"], start.name_or_path
-    elif candidates:
-        baseline = by_name[candidates[0]].cfg.model.name_or_path
-    else:
+    candidates = [name for name in ("dpo", "ppo") if name in by_name] or [n for n in ("sft",) if n in by_name]
+    if not candidates:
         return [], "no policy stage (sft, dpo, ppo) to evaluate"
     out = []
     for name in candidates:
+        baseline = ev.baseline
+        if baseline is None:
+            starts_from_sft = name != "sft" and "sft" in by_name
+            baseline = policy_output(by_name["sft"].cfg) if starts_from_sft else start_of(by_name[name].cfg)
+            if not starts_from_sft and by_name[name].cfg.model.init == "random":
+                return [], f"{name} starts from random weights: there is no baseline to compare (set evaluate.baseline)"
         out.append((name, dataclass_replace(ev, policy=policy_output(by_name[name].cfg), baseline=baseline,
                                             reward=reward, output_dir=str(Path(cfg.output_dir) / f"eval_{name}"))))
     return out, None
@@ -239,22 +286,14 @@ def held_out_overlap(ev: EvalConfig, stages: list[Stage]) -> list[str]:
     return sorted(set(found))
 
 
-def run_evaluations(cfg: PipelineConfig, stages: list[Stage], ledger: Ledger) -> dict[str, dict]:
+def run_evaluations(todo: list[tuple[str, EvalConfig]], stages: list[Stage], ledger: Ledger) -> dict[str, dict]:
     from . import evaluate
 
-    todo, why_not = evaluation_plan(cfg, stages)
-    if why_not:
-        log.warning("evaluation skipped: %s", why_not)
-        return {}
-    overlap = held_out_overlap(cfg.evaluate, stages)
-    if overlap:
-        log.warning("the evaluation prompts overlap the training records of %s: the win rates are not held out",
-                    ", ".join(overlap))
     results, cache = {}, {}
     for name, ev in todo:
         out = Path(ev.output_dir)
         inputs = [s.folder / "report.json" for s in stages if s.name in (name, "sft", "rm")]
-        fp = fingerprint(json.dumps(_plain(ev), sort_keys=True), inputs)
+        fp = fingerprint(to_yaml(ev), inputs)
         if (out / "eval.json").is_file() and ledger.get("evaluations", name).get("fingerprint") == fp:
             log.info("evaluation of %s: complete in %s, skipped", name, out)
             results[name] = json.loads((out / "eval.json").read_text())
@@ -265,12 +304,6 @@ def run_evaluations(cfg: PipelineConfig, stages: list[Stage], ledger: Ledger) ->
         release_memory()
         ledger.set("evaluations", name, fingerprint=fp, seconds=time.perf_counter() - start)
     return results
-
-
-def _plain(cfg: Any) -> Any:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(OmegaConf.structured(cfg))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -314,10 +347,6 @@ def plot_curves(name: str, rows: list[dict], path: Path) -> bool:
     return True
 
 
-def _fmt(x: Any, digits: int = 3) -> str:
-    return "n/a" if x is None else f"{x:.{digits}f}"
-
-
 def _duration(seconds: Optional[float]) -> str:
     if seconds is None:
         return "n/a"
@@ -327,25 +356,25 @@ def _duration(seconds: Optional[float]) -> str:
 def stage_headline(name: str, report: dict) -> str:
     """One line of what a stage achieved, from its report.json (the numbers its metrics.jsonl holds)."""
     if name == "sft":
-        return (f"held-out loss {_fmt(report.get('val_loss_before'), 4)} -> {_fmt(report.get('val_loss'), 4)} "
-                f"(perplexity {_fmt(report.get('val_ppl_before'), 2)} -> {_fmt(report.get('val_ppl'), 2)})")
+        return (f"held-out loss {show(report.get('val_loss_before'), 4)} -> {show(report.get('val_loss'), 4)} "
+                f"(perplexity {show(report.get('val_ppl_before'), 2)} -> {show(report.get('val_ppl'), 2)})")
     if name == "rm":
-        return (f"held-out pairwise accuracy {_fmt(report.get('val_accuracy_before'))} -> "
-                f"{_fmt(report.get('val_accuracy'))}")
+        return (f"held-out pairwise accuracy {show(report.get('val_accuracy_before'))} -> "
+                f"{show(report.get('val_accuracy'))}")
     if name == "dpo":
-        return (f"held-out preference accuracy {_fmt(report.get('val_accuracy_before'))} -> "
-                f"{_fmt(report.get('val_accuracy'))}, implicit reward margin {_fmt(report.get('val_margin_before'), 4)}"
-                f" -> {_fmt(report.get('val_margin'), 4)}")
+        return (f"held-out preference accuracy {show(report.get('val_accuracy_before'))} -> "
+                f"{show(report.get('val_accuracy'))}, implicit reward margin {show(report.get('val_margin_before'), 4)}"
+                f" -> {show(report.get('val_margin'), 4)}")
     before, after = report.get("before", {}), report.get("after", {})
-    return (f"held-out reward {_fmt(before.get('reward/val'), 4)} -> {_fmt(after.get('reward/val'), 4)}, KL to the "
-            f"reference {_fmt(after.get('kl/val'))}, length {_fmt(before.get('response/length/val'), 1)} -> "
-            f"{_fmt(after.get('response/length/val'), 1)} tokens")
+    return (f"held-out reward {show(before.get('reward/val'), 4)} -> {show(after.get('reward/val'), 4)}, KL to the "
+            f"reference {show(after.get('kl/val'))}, length {show(before.get('response/length/val'), 1)} -> "
+            f"{show(after.get('response/length/val'), 1)} tokens")
 
 
 def eval_row(name: str, ev: dict) -> str:
     lo, hi = ev["win_rate_ci95"]
     lengths = f"{ev['length_candidate']['mean']:.1f} / {ev['length_baseline']['mean']:.1f}"
-    return (f"| {name} | {ev['win_rate']:.3f} [{lo:.3f}, {hi:.3f}] | {ev['lc_win_rate']:.3f} | "
+    return (f"| {name} | {ev['win_rate']:.3f} [{lo:.3f}, {hi:.3f}] | {show(ev['lc_win_rate'])} | "
             f"{ev['wins']} / {ev['ties']} / {ev['losses']} | {ev['reward_candidate']:.4f} / "
             f"{ev['reward_baseline']:.4f} | {ev['kl']:.3f} | {lengths} | {ev['n']} |")
 
@@ -404,25 +433,42 @@ def write_report(cfg: PipelineConfig, stages: list[Stage], reports: dict[str, di
 def main(cfg: PipelineConfig, where: str = "pipeline") -> dict:
     from accelerate import PartialState
 
-    is_main = PartialState().is_main_process
+    # cpu=True without CUDA: under `accelerate launch` on CPUs the processes then see each other (gloo), as the
+    # stages' own accelerators do; otherwise every process would think it is the only one.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    is_main = state.is_main_process
     train.setup_logging(is_main)  # the stages set it up too, but a rerun may skip them all
-    stages = plan(cfg, where)  # every stage's config checked before anything runs
+    # ---- checked before anything runs: every stage's config, the evaluation, the held-out promise ----------------
+    stages = plan(cfg, where, state.num_processes)
+    evaluations, why_not = evaluation_plan(cfg, stages)
+    if why_not:
+        log.warning("there will be no evaluation: %s", why_not)
+    for _, ev in evaluations[:1]:
+        formats.check_readable(ev.prompts, "evaluate.prompts", "prompt")
+    overlap = held_out_overlap(cfg.evaluate, stages) if evaluations else []
+    if overlap:
+        log.warning("the evaluation prompts overlap the training records of %s: the win rates will not be held out",
+                    ", ".join(overlap))
     root = Path(cfg.output_dir)
     if cfg.overwrite and is_main and root.exists():
         import shutil
 
         shutil.rmtree(root)
-    PartialState().wait_for_everyone()
+    state.wait_for_everyone()
+    ledger = Ledger(root, is_main)
+    for stage in stages:  # a complete stage whose settings changed fails here, before anything is written
+        if not is_complete(stage, ledger):
+            break
     if is_main:
         root.mkdir(parents=True, exist_ok=True)
         (root / "pipeline.yaml").write_text(to_yaml(cfg))
-    ledger = Ledger(root, is_main)
+
+    # ---- the stages, then the evaluations, then the report ------------------------------------------------------
     start = time.perf_counter()
     reports = {}
     for i, stage in enumerate(stages, 1):
         reports[stage.name] = run_stage(stage, i, len(stages), ledger)
-    evals = run_evaluations(cfg, stages, ledger)
-    overlap = held_out_overlap(cfg.evaluate, stages) if evals else []
+    evals = run_evaluations(evaluations, stages, ledger)
     summary = {"report": str(root / "report.md"), "seconds": time.perf_counter() - start,
                "stages": {s.name: stage_headline(s.name, reports[s.name]) for s in stages},
                "evaluations": {name: {k: ev[k] for k in ("win_rate", "win_rate_ci95", "lc_win_rate", "kl", "n")}
@@ -440,7 +486,7 @@ def print_headline(summary: dict, path: Path) -> None:
     for name, ev in summary["evaluations"].items():
         lo, hi = ev["win_rate_ci95"]
         print(f"  {name} vs baseline: win rate {ev['win_rate']:.3f} [{lo:.3f}, {hi:.3f}], length-controlled "
-              f"{ev['lc_win_rate']:.3f}, KL {ev['kl']:.3f} ({ev['n']} prompts)")
+              f"{show(ev['lc_win_rate'])}, KL {ev['kl']:.3f} ({ev['n']} prompts)")
     print(f"  total {_duration(summary['seconds'])} (this invocation)")
     sys.stdout.flush()
 

@@ -66,24 +66,35 @@ def resolve_precision(precision: str) -> str:
 
 
 def make_accelerator(train: TrainConfig, seed: int):
+    accelerator = plain_accelerator(train.precision, seed)
+    check_batch_split(train, accelerator.num_processes)
+    if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED") and (train.save_every or False):
+        raise ConfigError("train.save_every: mid-run checkpoints under FSDP/DeepSpeed are not supported yet; "
+                          "set train.save_every=0 (the final model is saved)")
+    return accelerator
+
+
+def plain_accelerator(precision: str, seed: int):
+    """The accelerator with logging set up and every RNG seeded; no training settings to check (evaluation)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     # cpu=True on a machine without CUDA makes accelerate join a torchrun/`accelerate launch` group over gloo
     # (MULTI_CPU) instead of silently running each process alone.
-    accelerator = Accelerator(mixed_precision=resolve_precision(train.precision), cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=resolve_precision(precision), cpu=not torch.cuda.is_available())
     setup_logging(accelerator.is_main_process)
     set_seed(seed)
-    per_step = train.micro_batch_size * accelerator.num_processes
+    return accelerator
+
+
+def check_batch_split(train: TrainConfig, num_processes: int, at: str = "train") -> None:
+    """A global batch splits into processes x micro-batches (checked again by the pipeline before any stage runs)."""
+    per_step = train.micro_batch_size * num_processes
     if train.batch_size % per_step:
         raise ConfigError(
-            f"train.batch_size={train.batch_size} is not a multiple of train.micro_batch_size x processes "
-            f"= {train.micro_batch_size} x {accelerator.num_processes}"
+            f"{at}.batch_size={train.batch_size} is not a multiple of {at}.micro_batch_size x processes "
+            f"= {train.micro_batch_size} x {num_processes}"
         )
-    if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED") and (train.save_every or False):
-        raise ConfigError("train.save_every: mid-run checkpoints under FSDP/DeepSpeed are not supported yet; "
-                          "set train.save_every=0 (the final model is saved)")
-    return accelerator
 
 
 def accumulation_steps(train: TrainConfig, num_processes: int) -> int:

@@ -56,3 +56,12 @@ def test_tiny_recipe_runs(path, tmp_path, monkeypatch):
     importlib.import_module(f"align.{stage}").main(cfg)
     report = json.loads((tmp_path / stage / "report.json").read_text())
     assert report["stage"] == stage
+
+
+@pytest.mark.parametrize("processes", [1, 2, 4, 8])
+def test_gpu_pipeline_batches_split_over_the_processes_it_is_launched_with(processes):
+    from align.config import PipelineConfig
+    from align.pipeline import plan
+
+    path = ROOT / "recipes" / "smollm2-135m" / "pipeline_hh_gpu.yaml"
+    plan(load_config(PipelineConfig, path), str(path), num_processes=processes)  # raises ConfigError otherwise

@@ -9,6 +9,8 @@ import pytest
 
 from align import losses, pipeline
 from align.config import ConfigError, PipelineConfig, load_config
+from align.evaluate import show
+from align.formats import DataError
 
 from helpers import ROOT
 
@@ -95,7 +97,7 @@ def test_report_files_exist_and_their_numbers_are_the_metrics_files_numbers(fini
         lo, hi = ev["win_rate_ci95"]
         evaluation_table = report_md.split("## Policies against the baseline")[1]
         row = re.search(rf"^\| {name} \| (.*)$", evaluation_table, re.M).group(1)
-        assert row.startswith(f"{ev['win_rate']:.3f} [{lo:.3f}, {hi:.3f}] | {ev['lc_win_rate']:.3f} |")
+        assert row.startswith(f"{ev['win_rate']:.3f} [{lo:.3f}, {hi:.3f}] | {show(ev['lc_win_rate'])} |")
         assert f"| {ev['kl']:.3f} |" in row
         assert report["evaluations"][name]["win_rate"] == ev["win_rate"]
 
@@ -128,15 +130,8 @@ def test_a_failed_stage_resumes_from_its_own_checkpoint(tmp_path, finished, monk
     """PPO fails in its 3rd iteration (after the checkpoint at 2); the rerun skips SFT, RM and DPO and resumes PPO,
     which then logs exactly the rows of the uninterrupted run."""
     out = tmp_path / "run"
-    real_gae, calls = losses.gae, []
-
-    def failing_gae(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("injected failure")
-        return real_gae(*args, **kwargs)
-
-    monkeypatch.setattr(losses, "gae", failing_gae)
+    real_gae = losses.gae
+    monkeypatch.setattr(losses, "gae", gae_failing_on_call(3))
     with pytest.raises(RuntimeError, match="injected failure"):
         pipeline.main(make_config(out, "ppo.overrides.train.save_every=2"))
     ledger = json.loads((out / "pipeline.json").read_text())
@@ -161,6 +156,33 @@ def test_a_failed_stage_resumes_from_its_own_checkpoint(tmp_path, finished, monk
     assert json.loads((out / "pipeline.json").read_text())["stages"]["ppo"]["status"] == "complete"
 
 
+def gae_failing_on_call(n: int):
+    """losses.gae that raises on its n-th call (PPO calls it once per iteration)."""
+    real, calls = losses.gae, []
+
+    def gae(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise RuntimeError("injected failure")
+        return real(*args, **kwargs)
+
+    return gae
+
+
+def test_a_failed_stage_with_changed_settings_is_not_resumed(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(losses, "gae", gae_failing_on_call(2))  # after the checkpoint of iteration 1
+        with pytest.raises(RuntimeError, match="injected failure"):
+            pipeline.main(make_config(out, "ppo.overrides.train.save_every=1"))
+    assert (out / "ppo" / "checkpoints" / "step-000001").is_dir()
+    with pytest.raises(ConfigError, match="stage ppo: .* holds an unfinished run started with other settings"):
+        pipeline.main(make_config(out, "ppo.overrides.train.save_every=1", "ppo.overrides.train.learning_rate=0.5"))
+    # How often it checkpoints is not a setting that changes the result: the run resumes and finishes.
+    pipeline.main(make_config(out, "ppo.overrides.train.save_every=2"))
+    assert (out / "ppo" / "report.json").is_file()
+
+
 def test_bad_pipeline_recipes_fail_before_any_stage_runs(tmp_path):
     with pytest.raises(ConfigError, match="rm feeds ppo, so it must come first"):
         make_config(tmp_path / "x", "stages=[sft,ppo,rm]")
@@ -172,6 +194,15 @@ def test_bad_pipeline_recipes_fail_before_any_stage_runs(tmp_path):
         make_config(tmp_path / "x", "sft.overrides.output_dir=elsewhere")
     with pytest.raises(ConfigError, match=r"stage dpo \(recipes/tiny/dpo.yaml\): .*loss.beta"):
         pipeline.main(make_config(tmp_path / "x", "dpo.overrides.loss.beta=oops"))
+    with pytest.raises(ConfigError, match=r"stage sft .*batch_size=8 is not a multiple of .* = 4 x 3"):
+        pipeline.plan(make_config(tmp_path / "x"), "test", num_processes=3)
+    with pytest.raises(ConfigError, match="save_merged=false: dpo and ppo start from SFT's merged model"):
+        pipeline.plan(make_config(tmp_path / "x", "sft.overrides.lora.enabled=true",
+                                  "sft.overrides.save_merged=false"), "test")
+    with pytest.raises(DataError, match="evaluate.prompts: missing.jsonl: file not found"):
+        pipeline.main(make_config(tmp_path / "x", "evaluate.prompts.path=missing.jsonl"))
+    with pytest.raises(ConfigError, match="evaluate.policy: the pipeline sets it"):
+        pipeline.main(make_config(tmp_path / "x", "evaluate.policy=somewhere"))
     assert not (tmp_path / "x").exists()  # nothing was written
 
 
@@ -180,3 +211,26 @@ def test_evaluation_prompts_that_overlap_training_records_are_flagged(tmp_path):
     assert pipeline.held_out_overlap(cfg.evaluate, pipeline.plan(cfg, "test")) == ["dpo", "rm"]
     cfg = make_config(tmp_path / "x")
     assert pipeline.held_out_overlap(cfg.evaluate, pipeline.plan(cfg, "test")) == []
+
+
+@pytest.mark.slow
+def test_two_processes_under_accelerate_launch_run_the_pipeline_once(tmp_path, finished):
+    """Under `accelerate launch` (two CPU processes over gloo) the stages split their batches, the evaluation deals
+    its prompts out and gathers every one of them, and one process writes the ledger and the report."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "align.pipeline", TINY_PIPELINE, f"output_dir={out}", "ppo.overrides.log.progress=false",
+           "ppo.overrides.train.micro_batch_size=4"]  # a minibatch of 8 splits into 2 processes x 4
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "2 processes" in done.stdout and done.stdout.count("report: ") == 1
+    single, _ = finished
+    for name in ("dpo", "ppo"):
+        ev = json.loads((out / f"eval_{name}" / "eval.json").read_text())
+        assert ev["n"] == json.loads((single / f"eval_{name}" / "eval.json").read_text())["n"]  # no prompt lost
+    assert all(s["status"] == "complete" for s in json.loads((out / "pipeline.json").read_text())["stages"].values())

@@ -20,8 +20,10 @@ def test_win_rate_counts_ties_half_and_its_interval_is_the_normal_one():
 
 def test_tie_margin_makes_small_differences_ties():
     assert outcomes([0.05, -0.05, 0.2, -0.3], tie_margin=0.1).tolist() == [0.5, 0.5, 1.0, 0.0]
-    assert win_rate([0.05, -0.05, 0.2, -0.3], tie_margin=0.1)["win_rate"] == pytest.approx(0.5)
-    assert win_rate([0.05, -0.05, 0.2, -0.3])["win_rate"] == pytest.approx(0.5)  # 2 of 4 without the margin
+    # [0.05, 0.05, 0.2]: three wins without the margin; with it, two ties and a win.
+    assert win_rate([0.05, 0.05, 0.2])["win_rate"] == 1.0
+    with_margin = win_rate([0.05, 0.05, 0.2], tie_margin=0.1)
+    assert with_margin["win_rate"] == pytest.approx(2 / 3) and with_margin["ties"] == 2
 
 
 def test_identical_outcomes_have_a_zero_width_interval():
@@ -64,8 +66,12 @@ def test_length_control_credits_a_shorter_but_better_policy():
 
 
 def test_without_length_spread_the_length_effect_is_not_estimated():
-    result = length_controlled([1.0, -1.0, 2.0], [5.0, 5.0, 5.0])
-    assert result["length_slope"] is None and result["lc_win_rate"] == pytest.approx(2 / 3)
+    assert length_controlled([1.0, -1.0, 2.0], [5.0, 5.0, 5.0]) == {"lc_win_rate": None, "length_slope": None,
+                                                                   "intercept": None}
+    # One side longer by many standard deviations everywhere: tanh saturates, length and policy are confounded.
+    saturated = length_controlled([0.3, -0.2, 0.1, -0.4, 0.2, 0.0], [40.0, 41.0, 42.0, 43.0, 44.0, 45.0])
+    assert saturated["lc_win_rate"] is None
+    assert length_controlled([0.3, -0.2], [-5.0, 5.0])["lc_win_rate"] is None  # fewer than 3 prompts
 
 
 def test_length_summary_and_summarize():
