@@ -34,6 +34,7 @@ import logging
 import math
 import sys
 from dataclasses import dataclass
+from dataclasses import replace as dataclass_replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -41,7 +42,7 @@ import numpy as np
 import torch
 
 from . import data, formats, models, rollout, train
-from .config import ConfigError, EvalConfig, load_config
+from .config import ConfigError, EvalConfig, load_config, to_yaml
 from .formats import DataError
 from .ppo import Prompt, decode, load_reward, policy_and_reference_logprobs, score, tokenize_prompts
 
@@ -255,8 +256,7 @@ def main(cfg: EvalConfig, baseline_cache: Optional[dict] = None, accelerator=Non
     mine = data.spread(prompts, accelerator.process_index, accelerator.num_processes)
     reward = load_reward(cfg.reward, device, at="evaluate.reward")
 
-    key = (cfg.baseline, cfg.seed, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.prompts.path,
-           cfg.prompts.offset, cfg.prompts.limit, cfg.max_prompt_length)
+    key = to_yaml(dataclass_replace(cfg, policy=None, output_dir=None))  # everything the baseline's side depends on
     if baseline_cache is not None and key in baseline_cache:
         base = baseline_cache[key]
         log.info("baseline samples reused (same prompts, settings and seed)")
