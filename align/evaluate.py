@@ -160,10 +160,9 @@ def sample_and_score(model, tokenizer, prompts: list[Prompt], reward, cfg: EvalC
     the same settings consume the same random stream batch by batch. Training's RNG state is left untouched."""
     sampling = rollout.Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, 0)
     engine = rollout.HFEngine(model, tokenizer, cfg.generation_batch_size)
-    with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed + accelerator.process_index)
-        with accelerator.autocast():
-            ro = engine.generate([p.ids for p in prompts], sampling)
+    with accelerator.autocast():
+        ro = rollout.generate_seeded(engine, [p.ids for p in prompts], sampling, cfg.seed + accelerator.process_index,
+                                     accelerator.device)
     texts = decode(tokenizer, ro)
     return Samples(ro, texts, score(reward, prompts, texts))
 

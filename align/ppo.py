@@ -272,9 +272,8 @@ def evaluate(cfg: PPOConfig, policy, frozen_ref, engine, reward, prompts: list[P
     sampled with a fixed torch seed (with hf, the same random draws before and after training; vLLM keeps its own
     generator). Training's RNG is left untouched."""
     mine = data.shard(prompts, accelerator.process_index, accelerator.num_processes)
-    with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed + 7919 + accelerator.process_index)
-        ro = engine.generate([p.ids for p in mine], sampling)
+    ro = rollout.generate_seeded(engine, [p.ids for p in mine], sampling, cfg.seed + 7919 + accelerator.process_index,
+                                 accelerator.device)
     scores = score(reward, mine, decode(tokenizer, ro))
     logps, ref_logps = policy_and_reference_logprobs(policy, frozen_ref, ro, cfg.train.micro_batch_size,
                                                      sampling.temperature, tokenizer.pad_token_id, accelerator)

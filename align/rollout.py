@@ -254,6 +254,15 @@ class VLLMEngine:
             del self.generator.llm
 
 
+def generate_seeded(engine, prompts: Sequence[Sequence[int]], sampling: Sampling, seed: int, device) -> Rollout:
+    """Sample after seeding torch with `seed` (with hf, the same draws every time: before and after training, or
+    for two policies compared side by side), leaving the caller's RNG state as it was (training continues
+    unchanged). vLLM keeps its own generator."""
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(seed)
+        return engine.generate(prompts, sampling)
+
+
 def make_engine(cfg, model, tokenizer, accelerator, sampling: Sampling):
     """The engine a recipe's `rollout` section asks for (see config.RolloutConfig)."""
     if cfg.engine == "hf":
