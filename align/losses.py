@@ -123,19 +123,27 @@ def center_penalty(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 def ranking_stats(rewards: torch.Tensor, ranks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Sums to aggregate over micro-batches and processes before dividing:
-    [pairs ranked right, ordered pairs, sum of (r_w - r_l), sum r, sum r^2, responses]."""
+    [pairs ranked right, ordered pairs, sum of (r_w - r_l), sum r, sum r^2, responses].
+
+    A pair ranked right scores 1 when r_w > r_l and 1/2 when r_w == r_l (a random tie-break's expectation, as in
+    reward_models.metrics and DPO's accuracy), so a model that scores every response alike is at exactly 0.5."""
     better, _ = _pair_masks(ranks, valid)
     diff = (rewards[:, :, None] - rewards[:, None, :]).detach()
     r = rewards.detach()[valid]
-    return torch.stack([((diff > 0) & better).sum().float(), better.sum().float(), (diff * better).sum(),
+    right = ((diff > 0) & better).sum().float() + 0.5 * ((diff == 0) & better).sum().float()
+    return torch.stack([right, better.sum().float(), (diff * better).sum(),
                         r.sum(), (r * r).sum(), torch.tensor(float(r.numel()), device=r.device)])
 
 
 def summarize_ranking_stats(sums: torch.Tensor, prefix: str) -> dict[str, float]:
+    """Metrics from summed ranking_stats. Accuracy and mean margin are over ordered pairs: without any (every
+    ranking a tie) they are left out, neither 0 nor NaN, so logs and plots show no value rather than a wrong one."""
     correct, pairs, margin, total, squares, n = sums.tolist()
     mean = total / max(n, 1)
-    return {f"accuracy/{prefix}": correct / max(pairs, 1), f"reward/margin_{prefix}": margin / max(pairs, 1),
-            f"reward/mean_{prefix}": mean, f"reward/std_{prefix}": max(squares / max(n, 1) - mean * mean, 0) ** 0.5}
+    out = {f"reward/mean_{prefix}": mean, f"reward/std_{prefix}": max(squares / max(n, 1) - mean * mean, 0) ** 0.5}
+    if pairs:
+        out.update({f"accuracy/{prefix}": correct / pairs, f"reward/margin_{prefix}": margin / pairs})
+    return out
 
 
 def length_correlation_penalty(rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -113,7 +113,7 @@ def main(cfg: RMConfig) -> dict:
     if evaluate and schedule.start == 0:
         before = evaluate()
         run.log(before, step=0)
-        log.info("held-out pairwise accuracy before training: %.3f", before["accuracy/val"])
+        log.info("held-out pairwise accuracy before training: %s", _show(before.get("accuracy/val")))
 
     # ---- the loop -------------------------------------------------------------------------------------------
     loop = train.Loop(cfg, run, accelerator, model, tokenizer, schedule, evaluate, base_location)
@@ -145,12 +145,13 @@ def main(cfg: RMConfig) -> dict:
         after = evaluate_groups(model, val_groups, cfg, accelerator, pad_id, full=True)
         run.log({k: v for k, v in after.items() if k != "report"}, step=schedule.num_steps)
         report["val_accuracy_before"] = before.get("accuracy/val")
-        report["val_accuracy"] = after["accuracy/val"]
+        report["val_accuracy"] = after.get("accuracy/val")  # None: no ordered pairs
         report["validation"] = after.get("report")
         if after.get("report"):
-            r = after["report"]
-            log.info("held-out pairwise accuracy: %.3f (95%% CI %.3f-%.3f, %d pairs); chosen longer %s, shorter %s",
-                     r["accuracy"], r["ci95"][0], r["ci95"][1], r["n"], _acc(r["length_bias"]["chosen_longer"]),
+            r = after["report"]  # accuracy and its interval are None without ordered pairs (all ranks tied)
+            ci = "n/a" if r["ci95"] is None else f"{r['ci95'][0]:.3f}-{r['ci95'][1]:.3f}"
+            log.info("held-out pairwise accuracy: %s (95%% CI %s, %d pairs); chosen longer %s, shorter %s",
+                     _show(r["accuracy"]), ci, r["n"], _acc(r["length_bias"]["chosen_longer"]),
                      _acc(r["length_bias"]["chosen_shorter"]))
     if accelerator.is_main_process:
         settings = RewardSettings(template, cfg.data.max_length, cfg.data.truncation)
@@ -163,6 +164,10 @@ def main(cfg: RMConfig) -> dict:
 
 def _acc(cell: dict) -> str:
     return "n/a" if cell.get("accuracy") is None else f"{cell['accuracy']:.3f} (n={cell['n']})"
+
+
+def _show(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 if __name__ == "__main__":

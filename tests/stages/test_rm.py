@@ -130,6 +130,25 @@ def test_resume_reproduces_the_uninterrupted_reward_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_validation_whose_rankings_all_tie_reports_no_accuracy_and_the_model_is_saved(tmp_path):
+    """No ordered pair to measure: accuracy is null (not 0, not NaN) before and after, and the run completes."""
+    train = write_jsonl(tmp_path / "train.jsonl", [
+        {"prompt": f"Question {i}?", "responses": ["A careful answer.", "No."], "ranks": [0, 1]} for i in range(8)])
+    ties = write_jsonl(tmp_path / "ties.jsonl", [
+        {"prompt": f"Other question {i}?", "responses": ["One answer.", "Another one.", "A third."], "ranks": [2, 2, 2]}
+        for i in range(4)])
+    _, report = run(tmp_path, "ties", f"data.train.path={train}", "data.train.skip_invalid=false",
+                    f"data.validation.path={ties}", "data.validation_fraction=0", "train.max_steps=1")
+    assert report["val_accuracy_before"] is None and report["val_accuracy"] is None
+    assert report["validation"]["accuracy"] is None and report["validation"]["n"] == 0
+    assert (tmp_path / "ties" / "model" / "model.safetensors").is_file()
+    rows = [json.loads(line) for line in open(tmp_path / "ties" / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "loss/val" in r] == [0, 1] and not any("accuracy/val" in r for r in rows)
+    saved = json.loads((tmp_path / "ties" / "report.json").read_text(),
+                       parse_constant=lambda c: pytest.fail(f"report.json holds {c}"))  # strict JSON: null, not NaN
+    assert saved["val_accuracy"] is None and saved["validation"]["accuracy"] is None
+
+
 def test_score_and_evaluate_round_trip(tmp_path):
     run(tmp_path, "rm", "train.max_steps=2")
     model = tmp_path / "rm" / "model"

@@ -123,6 +123,27 @@ def test_center_penalty_and_stats():
     assert correct == 8
 
 
+def test_ranking_stats_count_a_reward_tie_as_half():
+    # A group of 3 ranked 0 < 1 < 2 and a pair whose second response (index 1) is the better one.
+    ranks = torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, 0.0]])
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    # Group: (0 over 1) rewards tie -> 1/2, (0 over 2) right -> 1, (1 over 2) right -> 1; pair: 0.2 < 0.5 -> 0.
+    rewards = torch.tensor([[1.0, 1.0, 0.0], [0.5, 0.2, 0.0]])
+    correct, pairs, *_ = losses.ranking_stats(rewards, ranks, valid).tolist()
+    assert (correct, pairs) == (2.5, 4)
+    # An untrained model that gives every response the same reward is at exactly chance.
+    same = torch.zeros(2, 3)
+    stats = losses.summarize_ranking_stats(losses.ranking_stats(same, ranks, valid), "val")
+    assert stats["accuracy/val"] == 0.5 and stats["reward/margin_val"] == 0.0
+
+
+def test_ranking_stats_without_ordered_pairs_report_no_accuracy():
+    ranks, valid = torch.tensor([[0.0, 0.0], [3.0, 3.0]]), torch.ones(2, 2, dtype=torch.bool)
+    stats = losses.summarize_ranking_stats(losses.ranking_stats(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), ranks,
+                                                                valid), "val")
+    assert stats == {"reward/mean_val": 0.75, "reward/std_val": pytest.approx(0.8291562)}  # no accuracy, no margin
+
+
 def test_length_correlation_penalty_matches_hand_computation():
     rewards = torch.tensor([1.0, 2.0, 0.5, 3.0])
     lengths = torch.tensor([10, 40, 5, 100])
