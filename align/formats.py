@@ -15,16 +15,28 @@ off...) names where the record came from. Bad input raises `DataError` with one 
 
 Formats are detected from the first record's fields, or named in the recipe (`data.train.format`), with a
 column mapping (`data.train.columns`, canonical name -> the file's name) for files that name things differently.
+
+Files: JSONL, JSON (a list of records, or an object holding one list), parquet, CSV and TSV (`.csv`, `.tsv`), or
+anything else `datasets.load_dataset` reads. Text files are UTF-8 (a byte-order mark at the start is fine).
+A CSV/TSV file has a header row naming the fields, then one record per row; blank rows are skipped, a column with
+an empty header (a pandas index) is ignored. Every cell is text: an empty cell is a missing field, a number
+(`margin`) is written as text (`0.5`), and a list field (`responses`, `ranks`, `scores`, `messages`,
+`conversations`) as a JSON list in the cell (`["Sure.", "No."]`, `[0, 1]`). Other cells are taken as they are: a
+`prompt` cell is the user's text even if it looks like JSON. A record's line is the line its row starts on.
+
+Numbers must be finite: NaN or infinite ranks, scores, margins or OpenAssistant ranks are errors.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+import math
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -62,6 +74,8 @@ class Origin:
 class Record:
     data: dict[str, Any]
     origin: Origin
+    text_cells: bool = False
+    """Every value is text (a CSV/TSV row): numbers and lists may be written as text (see the module docstring)."""
 
 
 @dataclass
@@ -117,23 +131,29 @@ class Examples(list):
 # Reading files
 
 
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
+"""Suffixes read as local files; any other path goes to `datasets.load_dataset`."""
+
+
 def read_records(path: str, split: str = "train", limit: Optional[int] = None,
                  columns: Optional[dict[str, str]] = None, offset: int = 0) -> list[Record]:
     """The records of a file or `datasets` path from number `offset` on (at most `limit`), each with its origin.
     Raises DataError on an unreadable record, naming the line; on a missing file or an empty dataset (or slice),
     naming the file."""
     suffix = Path(path).suffix.lower()
-    if suffix in (".jsonl", ".json", ".parquet") and not Path(path).is_file():
+    if suffix in FILE_SUFFIXES and Path(path).is_dir():
+        raise DataError(f"{path}: a folder, not a file")
+    if suffix in FILE_SUFFIXES and not Path(path).is_file():
         raise DataError(f"{path}: file not found")
+    stop = None if limit is None else offset + limit
     if suffix == ".jsonl":
-        records = list(_read_jsonl(path, None if limit is None else offset + limit))
+        records = list(_read_jsonl(path, stop))
     elif suffix == ".json":
         records = _read_json(path)
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        rows = pq.read_table(path).to_pylist()
-        records = [Record(r, Origin(path, i + 1, "row")) for i, r in enumerate(rows)]
+        records = _read_parquet(path)
+    elif suffix in (".csv", ".tsv"):
+        records = _read_csv(path, "\t" if suffix == ".tsv" else ",", stop)
     else:
         records = _read_datasets(path, split)
     records = records[offset:] if limit is None else records[offset: offset + limit]
@@ -141,14 +161,38 @@ def read_records(path: str, split: str = "train", limit: Optional[int] = None,
         raise DataError(f"{path}: no records (empty dataset)" if not offset else
                         f"{path}: no records from offset={offset} on (the file is shorter)")
     if columns:
-        records = [Record(_rename(r, columns), r.origin) for r in records]
+        records = [replace(r, data=_rename(r, columns)) for r in records]
     return records
 
 
+# A byte that is not UTF-8 is read as a lone surrogate (errors="surrogateescape") rather than failing somewhere in
+# the file's buffer, so that the error can name its line and column. "utf-8-sig" drops a byte-order mark at the
+# start of the file (Windows editors write one), which would otherwise make the first record unreadable.
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+
+
+def open_text(path: str | Path, **kwargs):
+    """A user's text file opened for reading as UTF-8; check what is read with `check_utf8`."""
+    return open(path, encoding="utf-8-sig", errors="surrogateescape", **kwargs)
+
+
+def check_utf8(path: str | Path, text: str, first_line: int = 1) -> None:
+    """Raise DataError `FILE:LINE: not UTF-8 text (byte 0xNN at column C)` if `text` (read with `open_text`,
+    starting at line `first_line` of the file) holds a byte that is not UTF-8."""
+    found = _ESCAPED_BYTE.search(text)
+    if found is None:
+        return
+    at = found.start()
+    line = first_line + text.count("\n", 0, at)
+    column = at - text.rfind("\n", 0, at)
+    raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{ord(found.group()) - 0xDC00:02x} at column {column})")
+
+
 def _read_jsonl(path: str, limit: Optional[int]) -> Iterator[Record]:
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         n = 0
         for lineno, line in enumerate(f, 1):
+            check_utf8(path, line, lineno)
             if not line.strip():
                 continue
             origin = Origin(path, lineno)
@@ -165,9 +209,11 @@ def _read_jsonl(path: str, limit: Optional[int]) -> Iterator[Record]:
 
 
 def _read_json(path: str) -> list[Record]:
+    with open_text(path) as f:
+        text = f.read()
+    check_utf8(path, text)
     try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
+        obj = json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
     if isinstance(obj, dict):  # {"data": [...]} or {"train": [...]}: the one list inside
@@ -183,6 +229,65 @@ def _read_json(path: str) -> list[Record]:
         if not isinstance(item, dict):
             raise DataError(f"{origin}: expected a JSON object, got {type(item).__name__}")
         records.append(Record(item, origin))
+    return records
+
+
+def _read_parquet(path: str) -> list[Record]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: not a parquet file ({' '.join(str(err).split())})") from None
+    try:
+        rows = table.to_pylist()
+    except UnicodeDecodeError:  # a string column holding bytes that are not UTF-8: find the first such cell
+        for i in range(table.num_rows):
+            for name in table.column_names:
+                try:
+                    table.column(name).slice(i, 1).to_pylist()
+                except UnicodeDecodeError as err:
+                    raise DataError(f"{Origin(path, i + 1, 'row')}: field '{name}': not UTF-8 text "
+                                    f"(byte 0x{err.object[err.start]:02x})") from None
+        raise
+    return [Record(r, Origin(path, i + 1, "row")) for i, r in enumerate(rows)]
+
+
+def _read_csv(path: str, delimiter: str, limit: Optional[int]) -> list[Record]:
+    """A header row, then a record per row (see the module docstring). A quoted cell may span lines, so a record's
+    origin is the line its row starts on: one past the line the previous row ended on (`reader.line_num`)."""
+
+    def lines(f) -> Iterator[str]:
+        for lineno, line in enumerate(f, 1):  # the same lines, one for one, that csv counts in line_num
+            check_utf8(path, line, lineno)
+            yield line
+
+    records: list[Record] = []
+    with open_text(path, newline="") as f:  # newline="": csv itself reads line ends inside quoted cells
+        reader = csv.reader(lines(f), delimiter=delimiter)
+        header, end = None, 0
+        try:
+            for cells in reader:
+                start, end = end + 1, reader.line_num
+                if not any(cell.strip() for cell in cells):
+                    continue
+                if header is None:
+                    header = [cell.strip() for cell in cells]
+                    named = [name for name in header if name]
+                    if len(set(named)) < len(named):
+                        twice = next(name for name in named if named.count(name) > 1)
+                        raise DataError(f"{path}:{start}: column {twice!r} appears twice in the header")
+                    continue
+                origin = Origin(path, start)
+                if len(cells) != len(header):
+                    raise DataError(f"{origin}: {len(cells)} cells, but the header has {len(header)} columns")
+                row = {name: cell if cell != "" else None for name, cell in zip(header, cells) if name}
+                records.append(Record(row, origin, text_cells=True))
+                if limit is not None and len(records) >= limit:
+                    break
+        except csv.Error as err:
+            raise DataError(f"{path}:{reader.line_num}: malformed {Path(path).suffix[1:].upper()} ({err})") from None
     return records
 
 
@@ -227,8 +332,39 @@ def _string(record: Record, name: str, value: Any, allow_empty: bool = False) ->
     return value
 
 
+def _text_list(record: Record, name: str, value: Any) -> Any:
+    """A list field as a CSV cell writes it: JSON text. Values of other files are left as they are."""
+    if not (record.text_cells and isinstance(value, str)):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as err:
+        raise _error(record, f"field '{name}': expected a JSON list in the cell ({err.msg} at column {err.colno})"
+                     ) from None
+
+
+def _number(record: Record, name: str, value: Any) -> float:
+    """A finite number (a CSV cell writes it as text). NaN and infinities are errors: json and parquet let them
+    through, and a NaN rank orders nothing consistently (cyclic pairs) while an infinite margin is an infinite loss."""
+    if record.text_cells and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise _error(record, f"field '{name}': expected a number, got {value!r}") from None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise _error(record, f"field '{name}': expected a number, got {type(value).__name__}")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond float's range
+        raise _error(record, f"field '{name}': not a finite number (too large)") from None
+    if not math.isfinite(number):
+        raise _error(record, f"field '{name}': not a finite number ({number})")
+    return number
+
+
 def _messages(record: Record, name: str, value: Any, sharegpt: bool = False) -> list[Message]:
     """A list of {role, content} (or ShareGPT {from, value}) turns, validated."""
+    value = _text_list(record, name, value)
     if not isinstance(value, list) or not value:
         raise _error(record, f"field '{name}': expected a non-empty list of messages")
     out = []
@@ -254,8 +390,14 @@ def _messages(record: Record, name: str, value: Any, sharegpt: bool = False) -> 
     return out
 
 
+def _text_or_messages(record: Record, name: str, value: Any) -> None:
+    if not isinstance(value, (str, list)):
+        raise _error(record, f"field '{name}': expected text or a list of messages, got {type(value).__name__}")
+
+
 def _prompt(record: Record, name: str, value: Any) -> list[Message]:
     """A prompt given as a string (one user turn) or as messages."""
+    _text_or_messages(record, name, value)
     if isinstance(value, str):
         return [{"role": "user", "content": _string(record, name, value)}]
     return _messages(record, name, value)
@@ -263,6 +405,7 @@ def _prompt(record: Record, name: str, value: Any) -> list[Message]:
 
 def _response(record: Record, name: str, value: Any) -> list[Message]:
     """A response given as a string (one assistant turn) or as messages."""
+    _text_or_messages(record, name, value)
     if isinstance(value, str):
         return [{"role": "assistant", "content": _string(record, name, value)}]
     msgs = _messages(record, name, value)
@@ -290,14 +433,21 @@ def _sft_prompt_completion(r: Record) -> SFTExample:
     return SFTExample(messages=prompt + completion, origin=r.origin)
 
 
+def _optional_string(r: Record, name: str) -> str:
+    value = r.data.get(name)
+    return "" if value is None else _string(r, name, value, allow_empty=True)
+
+
 def _sft_alpaca(r: Record) -> SFTExample:
     instruction = _string(r, "instruction", _field(r, "instruction", "alpaca"))
-    extra = r.data.get("input") or ""
-    user = f"{instruction}\n\n{_string(r, 'input', extra)}" if extra.strip() else instruction
+    # `input` and `system` are optional (missing or empty); when present they must be text.
+    extra = _optional_string(r, "input")
+    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
     output = _string(r, "output", _field(r, "output", "alpaca"))
     msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-    if r.data.get("system"):
-        msgs.insert(0, {"role": "system", "content": _string(r, "system", r.data["system"])})
+    system = _optional_string(r, "system")
+    if system.strip():
+        msgs.insert(0, {"role": "system", "content": system})
     return SFTExample(messages=msgs, origin=r.origin)
 
 
@@ -366,11 +516,7 @@ def split_shared_prompt(record: Record, a: list[Message], b: list[Message]
 
 def _margin(r: Record) -> Optional[float]:
     value = r.data.get("margin")
-    if value is None:
-        return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise _error(r, f"field 'margin': expected a number, got {type(value).__name__}")
-    return float(value)
+    return None if value is None else _number(r, "margin", value)
 
 
 def _check_responses(r: Record, prompt: list[Message], responses: list[list[Message]], names: list[str]) -> None:
@@ -410,7 +556,7 @@ def _response_allow_empty(r: Record, name: str, value: Any) -> list[Message]:
 
 def _ranking(r: Record) -> RankingExample:
     prompt = _prompt(r, "prompt", _field(r, "prompt", "ranking"))
-    raw = _field(r, "responses", "ranking")
+    raw = _text_list(r, "responses", _field(r, "responses", "ranking"))
     if not isinstance(raw, list):
         raise _error(r, "field 'responses': expected a list")
     if len(raw) < 2:
@@ -422,13 +568,13 @@ def _ranking(r: Record) -> RankingExample:
         key, values, sign = "scores", r.data["scores"], -1.0  # a higher score is a better (lower) rank
     else:
         raise _error(r, "missing field 'ranks' (or 'scores') (format ranking)")
+    values = _text_list(r, key, values)
     if not isinstance(values, list) or len(values) != len(raw):
         got = len(values) if isinstance(values, list) else type(values).__name__
         raise _error(r, f"field '{key}': expected {len(raw)} numbers (one per response), got {got}")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        raise _error(r, f"field '{key}': expected numbers")
+    ranks = [sign * _number(r, f"{key}[{i}]", v) for i, v in enumerate(values)]
     _check_responses(r, prompt, responses, [f"responses[{i}]" for i in range(len(raw))])
-    return RankingExample(prompt, responses, [sign * float(v) for v in values], None, r.origin)
+    return RankingExample(prompt, responses, ranks, None, r.origin)
 
 
 def oasst_groups(root: dict) -> list[tuple[list[dict], list[dict]]]:
@@ -464,7 +610,8 @@ def _oasst_tree(r: Record) -> list[RankingExample]:
         responses = [[{"role": "assistant", "content": x.get("text") or ""}] for x in ranked]
         names = [f"reply {x.get('message_id', i)}" for i, x in enumerate(ranked)]
         _check_responses(r, prompt, responses, names)
-        out.append(RankingExample(prompt, responses, [float(x["rank"]) for x in ranked], None, r.origin))
+        ranks = [_number(r, f"{name}.rank", x["rank"]) for name, x in zip(names, ranked)]
+        out.append(RankingExample(prompt, responses, ranks, None, r.origin))
     return out
 
 
@@ -479,6 +626,13 @@ def _until_last_user(r: Record, name: str, msgs: list[Message]) -> list[Message]
     if not msgs or msgs[-1]["role"] == "assistant" or not any(m["role"] == "user" for m in msgs):
         raise _error(r, f"field '{name}': no user turn to answer")
     return msgs
+
+
+def prompt_response(r: Record) -> tuple[list[Message], list[Message]]:
+    """A {prompt, response} row to score (reward_models.score): a prompt as the prompt formats take it, and a
+    response as text (may be empty) or messages ending with the assistant's."""
+    prompt = _prompt(r, "prompt", _field(r, "prompt", "prompt_response"))
+    return prompt, _response_allow_empty(r, "response", _field(r, "response", "prompt_response"))
 
 
 def _prompt_field(r: Record) -> PromptExample:
@@ -588,7 +742,7 @@ def convert_records(records: list[Record], fmt_name: str, kind: str, skip_invali
 def check_readable(source: Any, at: str, kind: str = "prompt") -> None:
     """Read and convert a local data file now (a pipeline checks its evaluation data before hours of training);
     errors name `at`, the file, the line and the field."""
-    if Path(source.path).suffix.lower() not in (".jsonl", ".json", ".parquet"):
+    if Path(source.path).suffix.lower() not in FILE_SUFFIXES:
         return  # a `datasets` path: loading it may download; it is read when used
     try:
         load_examples(source, kind)
@@ -657,4 +811,8 @@ def ranking_pairs(examples: Sequence, mode: str = "all_pairs") -> list[Preferenc
             pairs = [(i, j) if ex.ranks[i] < ex.ranks[j] else (j, i)
                      for i in range(k) for j in range(i + 1, k) if ex.ranks[i] != ex.ranks[j]]
         out.extend(PreferenceExample(ex.prompt, ex.responses[a], ex.responses[b], None, ex.origin) for a, b in pairs)
+    if examples and not out:  # only rankings whose responses all tie give no pair; say so where the file is known
+        files = sorted({ex.origin.file for ex in examples if ex.origin is not None})
+        raise DataError(f"{', '.join(files) or 'the data'}: no preference pairs from {len(examples)} ranking(s): "
+                        f"every ranking's responses tie (equal ranks give no pair)")
     return out

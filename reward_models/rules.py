@@ -21,6 +21,8 @@ from typing import Any, Union
 
 import torch
 
+from align.formats import check_utf8, open_text
+
 Message = dict[str, Any]
 Text = Union[str, list[Message]]
 
@@ -104,10 +106,12 @@ class GSM8KExactMatch:
 
     @classmethod
     def from_file(cls, path: str | Path) -> GSM8KExactMatch:
-        """Read a JSONL file of {"question", "answer"} rows (blank lines are skipped)."""
+        """Read a JSONL file of {"question", "answer"} rows (blank lines are skipped). Errors are ValueErrors (a
+        non-UTF-8 byte: align.formats.DataError, a ValueError) of one line naming the file and the line."""
         answers: dict[str, str] = {}
-        with open(path, encoding="utf-8") as f:
+        with open_text(path) as f:
             for lineno, line in enumerate(f, start=1):
+                check_utf8(path, line, lineno)
                 if not line.strip():
                     continue
                 try:

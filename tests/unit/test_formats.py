@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -261,3 +262,248 @@ def test_hh_transcripts_as_sft_demonstrations_are_the_chosen_dialogue():
         sft(hh, offset=1470, limit=20)
     kept = sft(hh, offset=1470, limit=20, skip_invalid=True)
     assert len(kept) == 19 and sum(kept.skipped.values()) == 1
+
+
+# ---- text encoding: one line naming the file, the line and the column of a byte that is not UTF-8 --------------
+
+
+@pytest.mark.parametrize("name, content, where", [
+    ("x.jsonl", b'{"text": "fine"}\n{"text": "caf\xe9"}\n', "x.jsonl:2: not UTF-8 text (byte 0xe9 at column 14)"),
+    ("x.json", b'[{"text": "fine"},\n {"text": "ok \xff"}]', "x.json:2: not UTF-8 text (byte 0xff at column 15)"),
+    ("x.csv", b'text\nfine\n"two\nlines \xfe"\n', "x.csv:4: not UTF-8 text (byte 0xfe at column 7)"),
+])
+def test_a_byte_that_is_not_utf8_is_named_by_line_and_column(tmp_path, name, content, where):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match="^" + re.escape(f"{tmp_path / where}") + "$"):
+        sft(tmp_path / name)
+
+
+def test_a_parquet_string_that_is_not_utf8_names_the_row_and_field(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    raw = pa.array([b"fine", b"caf\xe9"], pa.binary())  # arrow validates strings it builds, so bypass that
+    text = pa.Array.from_buffers(pa.string(), 2, raw.buffers())
+    pq.write_table(pa.table({"id": [1, 2], "text": text}), tmp_path / "t.parquet")
+    with pytest.raises(DataError, match=r"t\.parquet row 2: field 'text': not UTF-8 text \(byte 0xe9\)$"):
+        sft(tmp_path / "t.parquet")
+
+
+@pytest.mark.parametrize("name, content", [
+    ("bom.jsonl", '{"text": "first"}\n{"text": "second"}\n'),
+    ("bom.json", '[{"text": "first"}, {"text": "second"}]'),
+    ("bom.csv", "text\nfirst\nsecond\n"),
+])
+def test_a_byte_order_mark_at_the_start_is_accepted(tmp_path, name, content):
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + content.encode())
+    assert [e.text for e in sft(tmp_path / name)] == ["first", "second"]
+
+
+# ---- fields of the wrong type or not a finite number ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [3, ["bonjour"], {"text": "bonjour"}])
+def test_alpaca_input_that_is_not_text_is_an_error_naming_it(tmp_path, value):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Translate", "input": value, "output": "hello"}])
+    with pytest.raises(DataError, match=rf"^.*a\.jsonl:1: field 'input': expected a string, got "
+                                        rf"{type(value).__name__}$"):
+        sft(path)
+
+
+@pytest.mark.parametrize("rec, message", [
+    ({"prompt": "q", "responses": ["a", "b"], "ranks": [0, float("nan")]},
+     "field 'ranks[1]': not a finite number (nan)"),
+    ({"prompt": "q", "responses": ["a", "b", "c"], "scores": [1, float("inf"), 0]},
+     "field 'scores[1]': not a finite number (inf)"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": float("inf")},
+     "field 'margin': not a finite number (inf)"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": -float("inf")},
+     "field 'margin': not a finite number (-inf)"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": 10 ** 400},
+     "field 'margin': not a finite number (too large)"),
+    ({"prompt": "q", "responses": ["a", "b"], "ranks": [0, "1"]}, "field 'ranks[1]': expected a number, got str"),
+])
+def test_ranks_scores_and_margins_must_be_finite_numbers(tmp_path, rec, message):
+    path = tmp_path / "n.jsonl"
+    path.write_text(json.dumps(rec) + "\n")  # json writes NaN and Infinity, and Python's json reads them back
+    with pytest.raises(DataError, match="^" + re.escape(f"{path}:1: {message}") + "$"):
+        prefs(path)
+
+
+def test_nan_ranks_in_parquet_are_an_error_naming_the_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": "q", "responses": ["a", "b"], "ranks": [0.0, 1.0]},
+            {"prompt": "q", "responses": ["a", "b"], "ranks": [float("nan"), 1.0]}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "r.parquet")
+    with pytest.raises(DataError, match=r"r\.parquet row 2: field 'ranks\[0\]': not a finite number \(nan\)$"):
+        prefs(tmp_path / "r.parquet")
+
+
+def test_an_openassistant_rank_that_is_nan_is_an_error_naming_the_reply(tmp_path):
+    tree = json.loads(open(shared("oasst_en100_trees.jsonl")).readline())
+    reply = next(r for r in tree["prompt"]["replies"] if r.get("rank") is not None)
+    reply["rank"] = float("nan")
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(tree) + "\n")
+    with pytest.raises(DataError, match="^" + re.escape(f"{path}:1: field 'reply {reply['message_id']}.rank': "
+                                                        "not a finite number (nan)") + "$"):
+        prefs(path)
+
+
+def test_prompt_response_rows_check_their_types(tmp_path):
+    def record(**data):
+        return formats.Record(data, formats.Origin("s.jsonl", 4))
+
+    prompt, response = formats.prompt_response(record(prompt="hi", response=""))
+    assert prompt == [{"role": "user", "content": "hi"}] and response == [{"role": "assistant", "content": ""}]
+    for data, message in (({"prompt": "hi", "response": 7}, "field 'response': expected text or a list of messages, "
+                                                             "got int"),
+                          ({"prompt": 1.5, "response": "ok"}, "field 'prompt': expected text or a list of messages, "
+                                                              "got float"),
+                          ({"prompt": "hi"}, "missing field 'response'")):
+        with pytest.raises(DataError, match="^" + re.escape(f"s.jsonl:4: {message}")):
+            formats.prompt_response(record(**data))
+
+
+# ---- files that are not what their name says ------------------------------------------------------------------
+
+
+def test_a_parquet_name_on_a_text_file_is_a_one_line_error(tmp_path):
+    path = tmp_path / "d.parquet"
+    path.write_text('{"text": "this is JSONL"}\n')
+    with pytest.raises(DataError, match=r"^.*d\.parquet: not a parquet file \(.*\)$") as err:
+        sft(path)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["x.jsonl", "x.json", "x.parquet", "x.csv"])
+def test_a_folder_with_a_file_suffix_is_said_to_be_a_folder(tmp_path, name):
+    (tmp_path / name).mkdir()
+    with pytest.raises(DataError, match="^" + re.escape(f"{tmp_path / name}: a folder, not a file") + "$"):
+        sft(tmp_path / name)
+
+
+# ---- rankings that give no pair -------------------------------------------------------------------------------
+
+
+def test_rankings_that_all_tie_give_no_pairs_and_the_error_names_the_file(tmp_path):
+    rows = [{"prompt": "q", "responses": ["a", "b", "c"], "ranks": [1, 1, 1]},
+            {"prompt": "r", "responses": ["a", "b"], "scores": [0.5, 0.5]}]
+    examples = prefs(write_jsonl(tmp_path / "ties.jsonl", rows))
+    for mode in ("all_pairs", "best_worst"):
+        with pytest.raises(DataError, match="^" + re.escape(f"{tmp_path / 'ties.jsonl'}: no preference pairs from 2 "
+                                                            "ranking(s): every ranking's responses tie")):
+            formats.ranking_pairs(examples, mode)
+    # One ranking with distinct ranks is enough; the tied ones just give nothing.
+    rows.append({"prompt": "s", "responses": ["a", "b"], "ranks": [1, 0]})
+    (pair,) = formats.ranking_pairs(prefs(write_jsonl(tmp_path / "some.jsonl", rows)))
+    assert pair.chosen[0]["content"] == "b" and pair.origin.line == 3
+
+
+# ---- CSV and TSV ----------------------------------------------------------------------------------------------
+
+import csv  # noqa: E402
+import io  # noqa: E402
+
+
+def write_csv(path, header, rows, delimiter=","):
+    """Write rows with csv.writer; return the line each row starts on (cells may hold line breaks)."""
+    buffer, starts = io.StringIO(), []
+    writer = csv.writer(buffer, delimiter=delimiter, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        starts.append(buffer.getvalue().count("\n") + 1)
+        writer.writerow(row)
+    path.write_text(buffer.getvalue(), encoding="utf-8")
+    return starts
+
+
+def test_csv_of_real_hh_pairs_reads_as_the_jsonl_does(tmp_path):
+    singles = [e for e in prefs(shared("hh_harmless.jsonl"), limit=120)
+               if len(e.prompt) == 1 and len(e.chosen) == 1 and len(e.rejected) == 1]
+    spanning = [e for e in singles
+                if "\n" in e.prompt[0]["content"] + e.chosen[0]["content"] + e.rejected[0]["content"]]
+    single = singles[:3] + spanning[:2]  # single-turn pairs, two of them with line breaks in a cell
+    rows = [[e.prompt[0]["content"], e.chosen[0]["content"], e.rejected[0]["content"]] for e in single]
+    starts = write_csv(tmp_path / "hh.csv", ["prompt", "chosen", "rejected"], rows)
+    examples = prefs(tmp_path / "hh.csv")
+    assert [(e.prompt, e.chosen, e.rejected, e.margin) for e in examples] == [
+        (e.prompt, e.chosen, e.rejected, None) for e in single]
+    assert [str(e.origin) for e in examples] == [f"{tmp_path / 'hh.csv'}:{n}" for n in starts]
+    assert starts != list(range(2, 7))  # some replies span lines, so rows do not start on consecutive lines
+
+    # Whole transcripts (the hh format) in cells, which start with a line break, read the same way too.
+    raw = [json.loads(line) for line in open(shared("hh_harmless.jsonl")).readlines()[:5]]
+    write_csv(tmp_path / "hh_transcripts.csv", ["chosen", "rejected"], [[r["chosen"], r["rejected"]] for r in raw])
+    assert prefs(tmp_path / "hh_transcripts.csv") == prefs(shared("hh_harmless.jsonl"), limit=5)
+
+
+def test_sft_csv_of_real_gsm8k_rows_and_alpaca_with_empty_cells(tmp_path):
+    rows = [json.loads(line) for line in open(GSM8K).readlines()[:4]]
+    starts = write_csv(tmp_path / "g.csv", ["question", "answer"], [[r["question"], r["answer"]] for r in rows])
+    examples = sft(tmp_path / "g.csv")
+    assert [e.messages for e in examples] == [e.messages for e in sft(GSM8K, limit=4)]
+    assert [e.origin.line for e in examples] == starts and starts[1] > 3  # answers span several lines
+    assert [e.messages[0]["content"] for e in sft(tmp_path / "g.csv", offset=1, limit=2)] == [
+        rows[1]["question"], rows[2]["question"]]
+
+    # An empty cell is a missing field: no input, no system prompt. Blank rows are skipped; lines still count.
+    (tmp_path / "a.tsv").write_text("instruction\tinput\toutput\tsystem\n"
+                                    "Translate\tbonjour\thello\t\n\n"
+                                    "Say hi\t\thi\tBe brief.\n", encoding="utf-8")
+    a, b = sft(tmp_path / "a.tsv")
+    assert a.messages == [{"role": "user", "content": "Translate\n\nbonjour"},
+                          {"role": "assistant", "content": "hello"}]
+    assert b.messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"},
+                          {"role": "assistant", "content": "hi"}]
+    assert (a.origin.line, b.origin.line) == (2, 4)
+
+
+def test_csv_cells_hold_numbers_as_text_and_lists_as_json(tmp_path):
+    rows = [["Which is right?", '["Paris", "Lyon", "Nice"]', "[0, 1, 1]", ""],
+            ["2+2?", '["4", "5"]', "", ""]]
+    write_csv(tmp_path / "r.csv", ["prompt", "responses", "ranks", "scores"], rows)
+    with pytest.raises(DataError, match=r"r\.csv:3: missing field 'ranks' \(or 'scores'\)"):
+        prefs(tmp_path / "r.csv")
+    rows[1][3] = "[0.9, 0.1]"
+    write_csv(tmp_path / "r.csv", ["prompt", "responses", "ranks", "scores"], rows)
+    a, b = prefs(tmp_path / "r.csv")
+    assert [r[0]["content"] for r in a.responses] == ["Paris", "Lyon", "Nice"] and a.ranks == [0.0, 1.0, 1.0]
+    assert b.ranks == [-0.9, -0.1]
+
+    write_csv(tmp_path / "m.csv", ["prompt", "chosen", "rejected", "margin"],
+              [["[not JSON, a prompt]", "yes", "no", "1.5"], ["q", "a", "b", ""], ["q", "a", "b", "lots"]])
+    with pytest.raises(DataError, match=r"m\.csv:4: field 'margin': expected a number, got 'lots'$"):
+        prefs(tmp_path / "m.csv")
+    first, second = prefs(tmp_path / "m.csv", limit=2)
+    assert first.prompt == [{"role": "user", "content": "[not JSON, a prompt]"}] and first.margin == 1.5
+    assert second.margin is None
+
+    # A JSON file is not read that way: a margin given as a string there is an error, as before.
+    path = write_jsonl(tmp_path / "m.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b", "margin": "1.5"}])
+    with pytest.raises(DataError, match=r"m\.jsonl:1: field 'margin': expected a number, got str"):
+        prefs(path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("prompt,chosen,rejected\nq,a\n", "x.csv:2: 2 cells, but the header has 3 columns"),
+    ("prompt,chosen,prompt\nq,a,b\n", "x.csv:1: column 'prompt' appears twice in the header"),
+    ('prompt,responses,ranks\nq,"[""a"", ""b""","[0, 1]"\n', "x.csv:2: field 'responses': expected a JSON list in the "
+                                                          "cell"),
+    ("prompt,responses,ranks\nq,\"[\"\"a\"\", \"\"b\"\"]\",\"[0, NaN]\"\n", "x.csv:2: field 'ranks[1]': not a finite "
+                                                                          "number (nan)"),
+])
+def test_bad_csv_rows_name_the_line(tmp_path, text, message):
+    (tmp_path / "x.csv").write_text(text, encoding="utf-8")
+    with pytest.raises(DataError, match="^" + re.escape(f"{tmp_path}/{message}")):
+        prefs(tmp_path / "x.csv")
+
+
+def test_check_readable_reads_a_csv_now(tmp_path):
+    (tmp_path / "p.csv").write_text("prompt\nhi\n\n42\n", encoding="utf-8")
+    formats.check_readable(DataSource(path=str(tmp_path / "p.csv")), "evaluate.prompts")
+    (tmp_path / "bad.csv").write_text("question\n\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"^evaluate\.prompts: .*bad\.csv: no records"):
+        formats.check_readable(DataSource(path=str(tmp_path / "bad.csv")), "evaluate.prompts")

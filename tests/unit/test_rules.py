@@ -144,6 +144,20 @@ def test_from_file_errors_name_file_and_line(tmp_path, bad_line, message):
         rules.GSM8KExactMatch.from_file(path)
 
 
+def test_from_file_names_the_line_and_column_of_a_byte_that_is_not_utf8(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    good = json.dumps({"question": "q1", "answer": "#### 1"}).encode()
+    path.write_bytes(good + b'\n{"question": "caf\xe9?", "answer": "#### 2"}\n')  # Latin-1 e-acute
+    with pytest.raises(ValueError, match="^" + re.escape(f"{path}:2: not UTF-8 text (byte 0xe9 at column 18)") + "$"):
+        rules.GSM8KExactMatch.from_file(path)
+
+
+def test_from_file_accepts_a_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"question": "q1", "answer": "#### 1"}).encode() + b"\n")
+    assert rules.GSM8KExactMatch.from_file(path).references == {"q1": "1"}
+
+
 def test_from_file_rejects_conflicting_duplicates(tmp_path):
     path = tmp_path / "dup.jsonl"
     path.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n"
