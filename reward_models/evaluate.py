@@ -27,11 +27,15 @@ from reward_models.model import RewardScorer
 
 
 def load_groups(path: str, fmt: str = "auto", skip_invalid: bool = False, limit: int | None = None):
-    """Rankings (pairs are K=2) with the category of their record, if any."""
+    """Rankings (pairs are K=2) with the category of their record, if any. Data without a single ordered pair
+    is an error: there is nothing to measure, and an exit code says so more plainly than an accuracy of n/a."""
     records = formats.read_records(path, limit=limit)
     category = {r.origin.line: r.data.get("category") for r in records}
     examples = formats.convert_records(records, fmt, "preference", skip_invalid)
     rankings = [e.as_ranking() if hasattr(e, "as_ranking") else e for e in examples]
+    if not any(min(r.ranks) < max(r.ranks) for r in rankings):
+        raise DataError(f"{path}: nothing to evaluate: 0 ordered pairs in {len(rankings)} ranking(s), every "
+                        f"ranking's responses tie (equal ranks give no pair)")
     return rankings, [category.get(e.origin.line) for e in rankings], examples.skipped
 
 
@@ -57,16 +61,21 @@ def report(rankings, scores, categories, out_dir: str | None = None) -> dict:
     return summary
 
 
+def _show(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"  # metrics are None where there is no data for them
+
+
 def print_summary(summary: dict) -> None:
     lb = summary["length_bias"]
     cell = lambda c: "n/a" if c["accuracy"] is None else f"{c['accuracy']:.3f} (n={c['n']})"  # noqa: E731
-    print(f"pairwise accuracy {summary['accuracy']:.3f}  95% CI [{summary['ci95'][0]:.3f}, {summary['ci95'][1]:.3f}]"
-          f"  ({summary['n']} pairs, {summary['groups']} prompts)")
+    ci = "n/a" if summary["ci95"] is None else f"[{summary['ci95'][0]:.3f}, {summary['ci95'][1]:.3f}]"
+    print(f"pairwise accuracy {_show(summary['accuracy'])}  95% CI {ci}  ({summary['n']} pairs, "
+          f"{summary['groups']} prompts)")
     if "kendall_tau" in summary:
-        print(f"rankings: Kendall tau {summary['kendall_tau']:.3f}, top-1 {summary['top1_accuracy']:.3f}")
-    print(f"calibration: ECE {summary['ece']:.3f}")
+        print(f"rankings: Kendall tau {_show(summary['kendall_tau'])}, top-1 {_show(summary['top1_accuracy'])}")
+    print(f"calibration: ECE {_show(summary['ece'])}")
     print(f"length bias: chosen longer {cell(lb['chosen_longer'])}, chosen shorter {cell(lb['chosen_shorter'])}; "
-          f"'shorter wins' heuristic {summary['length_heuristic_accuracy']:.3f}")
+          f"'shorter wins' heuristic {_show(summary['length_heuristic_accuracy'])}")
     for name, c in summary.get("per_category", {}).items():
         print(f"category {name}: {cell(c)}")
 

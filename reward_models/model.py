@@ -22,6 +22,7 @@ import torch
 
 from align import data, models
 from align.config import LoraConfig, ModelConfig
+from align.formats import Origin
 
 SETTINGS_FILE = "align_reward.json"
 
@@ -150,10 +151,11 @@ class RewardScorer:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
-    def tokenize(self, prompt, response) -> data.RewardSequence:
+    def tokenize(self, prompt, response, origin: Optional[Origin] = None) -> data.RewardSequence:
+        """`origin` (the record's file and line) is named by the error of truncation=error."""
         prompt, response = as_prompt(prompt), as_response(response)
         seq, _ = data.tokenize_for_reward(self.tokenizer, prompt, response, self.settings.template,
-                                          self.settings.max_length, self.settings.truncation)
+                                          self.settings.max_length, self.settings.truncation, origin)
         return seq
 
     @torch.no_grad()

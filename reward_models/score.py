@@ -19,19 +19,14 @@ from pathlib import Path
 from align import formats
 from align.formats import DataError
 from align.train import setup_logging
-from reward_models.model import RewardScorer, as_prompt, as_response
+from reward_models.model import RewardScorer
 
 
 def _items(records: list[formats.Record], fmt: str) -> tuple[str, list[list]]:
-    """(format name, for each record the list of (prompt, response) pairs to score)."""
+    """(format name, for each record the list of (prompt, response) pairs to score), every field checked."""
     first = records[0]
-    if fmt in ("auto", "prompt_response") and {"prompt", "response"} <= set(first.data):
-        out = []
-        for r in records:
-            if "prompt" not in r.data or "response" not in r.data:
-                raise DataError(f"{r.origin}: missing field 'prompt' or 'response'")
-            out.append([(as_prompt(r.data["prompt"]), as_response(r.data["response"]))])
-        return "prompt_response", out
+    if fmt == "prompt_response" or (fmt == "auto" and {"prompt", "response"} <= set(first.data)):
+        return "prompt_response", [[formats.prompt_response(r)] for r in records]
     kind = formats.get_format(fmt, first, "preference")
     out = []
     for r in records:
@@ -79,8 +74,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     scorer = RewardScorer(args.model, device=args.device, max_tokens=args.max_tokens, max_length=args.max_length)
-    flat = [pair for pairs in per_record for pair in pairs]
-    rewards = scorer.score_sequences([scorer.tokenize(p, r) for p, r in flat], progress=True).tolist()
+    try:  # the model's truncation rule may be `error`: a row too long is bad input too
+        seqs = [scorer.tokenize(prompt, response, record.origin)
+                for record, pairs in zip(records, per_record) for prompt, response in pairs]
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    rewards = scorer.score_sequences(seqs, progress=True).tolist()
     out, tmp = Path(args.out), Path(args.out).with_name(f".tmp-{Path(args.out).name}")
     out.parent.mkdir(parents=True, exist_ok=True)
     k = 0
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
             f.write(json.dumps(_write_back(fmt, record.data, rewards[k: k + len(pairs)])) + "\n")
             k += len(pairs)
     os.replace(tmp, out)
-    print(f"scored {len(flat)} responses in {len(records)} rows ({fmt}) -> {out}")
+    print(f"scored {len(seqs)} responses in {len(records)} rows ({fmt}) -> {out}")
 
 
 if __name__ == "__main__":

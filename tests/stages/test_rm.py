@@ -149,6 +149,39 @@ def test_validation_whose_rankings_all_tie_reports_no_accuracy_and_the_model_is_
     assert saved["val_accuracy"] is None and saved["validation"]["accuracy"] is None
 
 
+def test_score_and_evaluate_reject_bad_rows_in_one_line_and_write_nothing(tmp_path, capsys):
+    from reward_models import evaluate, score
+
+    run(tmp_path, "rm", "train.max_steps=1")
+    model = str(tmp_path / "rm" / "model")
+
+    def fails(main, *args) -> str:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            main(["--model", model, *args])
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and "\n" not in err
+        return err
+
+    for name, rows, field, kind in (("num.jsonl", [{"prompt": "Hi", "response": "Hello."},
+                                                   {"prompt": "Hi", "response": 42}], "response", "int"),
+                                    ("list.jsonl", [{"prompt": ["Hi"], "response": "Hello."}], "prompt[0]", None),
+                                    ("float.jsonl", [{"prompt": 1.5, "response": "Hello."}], "prompt", "float")):
+        data, out = write_jsonl(tmp_path / name, rows), tmp_path / f"scored-{name}"
+        message = fails(score.main, "--data", str(data), "--out", str(out))
+        line = len(rows)
+        expected = (f"error: {data}:{line}: field '{field}': expected text or a list of messages, got {kind}" if kind
+                    else f"error: {data}:{line}: field '{field}': expected an object with role and content")
+        assert message == expected
+        assert not out.exists() and not list(tmp_path.glob(f".tmp-scored-{name}"))
+
+    ties = write_jsonl(tmp_path / "ties.jsonl", [
+        {"prompt": f"Q{i}?", "responses": ["One answer.", "Another."], "ranks": [1, 1]} for i in range(3)])
+    assert fails(evaluate.main, "--data", str(ties)) == (
+        f"error: {ties}: nothing to evaluate: 0 ordered pairs in 3 ranking(s), every ranking's responses tie "
+        f"(equal ranks give no pair)")
+
+
 def test_score_and_evaluate_round_trip(tmp_path):
     run(tmp_path, "rm", "train.max_steps=2")
     model = tmp_path / "rm" / "model"
