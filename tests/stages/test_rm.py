@@ -1,4 +1,5 @@
 import json
+import math
 import subprocess
 import sys
 
@@ -106,11 +107,52 @@ def _tiny_tokenizer():
     return load_tokenizer(ModelConfig(name_or_path=str(TINY)))
 
 
-def test_plackett_luce_and_tie_options_train(tmp_path):
-    for name, extra in (("pl", ["loss.type=plackett_luce"]), ("half", ["loss.ties=half", "loss.center_coef=0.01"])):
-        _, report = run(tmp_path, name, "data.train.path=data/oasst_en100_trees.jsonl", "data.train.limit=10",
-                        "train.max_steps=2", *extra)
-        assert report["train_loss"] > 0 and report["steps"] == 2
+def _naive_group_loss(r: list[float], ranks: list[float], loss_type: str, center_coef: float) -> float:
+    """One group's loss by the papers' formulas, with plain loops over responses and pairs."""
+    if loss_type == "plackett_luce":  # best first (ties in listed order); each choice among those left
+        order = sorted(range(len(r)), key=lambda i: ranks[i])
+        choices = [r[order[i]] - math.log(sum(math.exp(r[j]) for j in order[i:])) for i in range(len(r) - 1)]
+        loss = -sum(choices) / (len(r) - 1)
+    else:  # Bradley-Terry over ordered pairs, a tie as a 1/2 target (ties=half), the mean over those pairs
+        log_sigmoid = lambda x: -math.log1p(math.exp(-x))  # noqa: E731
+        terms = []
+        for i in range(len(r)):
+            for j in range(i + 1, len(r)):
+                d = r[i] - r[j]
+                if ranks[i] == ranks[j]:
+                    terms.append(-(log_sigmoid(d) + log_sigmoid(-d)) / 2)
+                else:
+                    terms.append(-log_sigmoid(d if ranks[i] < ranks[j] else -d))
+        loss = sum(terms) / len(terms)
+    return loss + center_coef * (sum(r) / len(r)) ** 2
+
+
+@pytest.mark.parametrize("name, extra", [("pl", ["loss.type=plackett_luce"]),
+                                         ("half", ["loss.ties=half", "loss.center_coef=0.5"])])
+def test_plackett_luce_and_tied_pairs_train_on_the_loss_computed_by_hand(tmp_path, name, extra):
+    """The first step's loss is taken before any update: the same initial model, scoring each group on its own,
+    and the formulas written out as loops must give the logged training loss."""
+    from reward_models.model import load_reward_model, reward_pad_token
+
+    orders = ([0, 1, 1], [0, 0, 1, 2], [1, 0], [2, 0, 1, 1], [3, 2, 1, 0])  # ties, K from 2 to 4
+    rows = [{"prompt": f"Question {i}: how do I keep a plant alive?",
+             "responses": [f"Reply {j}: " + " ".join(["water", "light", "soil", "care"][: 1 + (i + j) % 4]) * (j + 1)
+                           for j in range(len(ranks))], "ranks": ranks}
+            for i, ranks in enumerate(orders * 3)]
+    path = write_jsonl(tmp_path / "rankings.jsonl", rows)
+    cfg, report = run(tmp_path, name, f"data.train.path={path}", "data.train.skip_invalid=false",
+                      "train.max_steps=1", *extra)
+    tokenizer = _tiny_tokenizer()
+    reward_pad_token(tokenizer)
+    groups, _, _ = rm.load_groups(cfg, tokenizer, "chat")
+    batch = [groups[i] for i in data.StepSampler(len(groups), cfg.train.batch_size, cfg.seed).indices(0)]
+    assert any(len(set(g.ranks)) < len(g.ranks) for g in batch) and any(len(g.ranks) > 2 for g in batch)
+    model = load_reward_model(cfg.model, cfg.lora, cfg.seed, tokenizer).eval()
+    with torch.no_grad():
+        scores = [model(data.collate_reward(g.sequences, tokenizer.pad_token_id, packed=True)).tolist() for g in batch]
+    expected = sum(_naive_group_loss(r, g.ranks, cfg.loss.type, cfg.loss.center_coef)
+                   for r, g in zip(scores, batch)) / len(batch)
+    assert report["steps"] == 1 and report["train_loss"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_resume_reproduces_the_uninterrupted_reward_run(tmp_path):
