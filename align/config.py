@@ -26,7 +26,12 @@ from omegaconf.errors import OmegaConfBaseException
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class AlignError(Exception):
+    """An expected failure with a one-line message for the user (the command lines print it and exit 2): a bad
+    recipe, bad data, a run folder that cannot be used, a training run stopped for a non-finite loss."""
+
+
+class ConfigError(AlignError, ValueError):
     """A recipe or override that cannot be used; the message names the file and the key."""
 
 
@@ -177,6 +182,7 @@ class TrainConfig:
         if len(self.adam_betas) != 2:
             raise ConfigError(f"{at}.adam_betas: expected two numbers; got {self.adam_betas}")
         one_of(f"{at}.scheduler", self.scheduler, ("cosine", "linear", "constant"))
+        positive(f"{at}.warmup_steps", self.warmup_steps, allow_zero=True)
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"{at}.warmup_ratio: must be in [0, 1); got {self.warmup_ratio}")
         one_of(f"{at}.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
@@ -565,9 +571,10 @@ class RolloutConfig:
     temperature: float = 1.0
     """Sampling temperature (PPO needs samples from the policy: 1.0 unless you know why not)."""
     top_p: float = 1.0
-    """Nucleus sampling (1.0: off)."""
+    """Nucleus sampling: must stay 1.0 (off). PPO's ratio and KL penalty are computed on the full tempered softmax;
+    sampling from a truncated one would make them estimates of another distribution."""
     top_k: int = 0
-    """Top-k sampling (0: off)."""
+    """Top-k sampling: must stay 0 (off), for the same reason as top_p."""
     generation_batch_size: int = 64
     """hf: prompts per generate call."""
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
@@ -582,9 +589,10 @@ class RolloutConfig:
             raise ConfigError(f"{at}.top_p: must be in (0, 1]; got {self.top_p}")
         positive(f"{at}.top_k", self.top_k, allow_zero=True)
         positive(f"{at}.generation_batch_size", self.generation_batch_size)
-        if self.engine == "vllm" and (self.top_p < 1 or self.top_k):
-            raise ConfigError(f"{at}.engine=vllm reports log-probs after top-p/top-k masking, which the trainer's "
-                              f"full-softmax log-probs cannot match; leave {at}.top_p=1 and {at}.top_k=0")
+        if self.top_p < 1 or self.top_k:
+            raise ConfigError(f"{at}.top_p={self.top_p}, {at}.top_k={self.top_k}: PPO's ratio and KL penalty use the "
+                              f"log-probs of the full tempered softmax, so responses must be sampled from it; leave "
+                              f"{at}.top_p=1 and {at}.top_k=0 (lower {at}.temperature instead)")
 
 
 @dataclass
@@ -723,7 +731,10 @@ class EvalConfig:
     """Held-out prompts: plain strings (`prompt`), chat messages, or any prompt-bearing format (HH transcripts up to
     the last user turn, question, instruction). Keep them out of every training set."""
     output_dir: Optional[str] = None
-    """Where eval.json, samples.jsonl and the plots go (default: no files, the JSON line only)."""
+    """Where eval.json, samples.jsonl and the plots go (default: no files, the JSON line only). A new or empty
+    folder, or with overwrite=true one that holds an earlier evaluation (only its files are replaced)."""
+    overwrite: bool = False
+    """Replace the evaluation files in an output_dir that already holds an evaluation."""
     seed: int = 42
     """Sampling seed: both policies draw from the same seed, batch by batch."""
     max_prompt_length: int = 512
@@ -735,7 +746,9 @@ class EvalConfig:
     temperature: float = 0.7
     """Sampling temperature of both policies; log-probs for the KL use the same temperature."""
     top_p: float = 1.0
-    """Nucleus sampling (1.0: off). With top_p < 1 the KL is of the untruncated tempered distributions."""
+    """Nucleus sampling (1.0: off). With top_p < 1 the responses come from truncated distributions whose KL is not
+    the tempered softmax's (and is infinite where one side's nucleus leaves out the other's token): the KL is then
+    not reported (null)."""
     generation_batch_size: int = 32
     """Prompts per generate call."""
     micro_batch_size: int = 8
@@ -848,6 +861,37 @@ def _run_checks(node: Any, at: str) -> None:
         check(at or type(node).__name__)
 
 
+def read_yaml(path: str | Path, where: Optional[str] = None) -> dict:
+    """A recipe file as a plain mapping; a missing file, bytes that are not UTF-8, a YAML syntax error or a top level
+    that is not a mapping are one-line ConfigErrors naming the file (and the line)."""
+    import yaml
+
+    path = Path(path)
+    where = where or str(path)
+    if not path.is_file():
+        raise ConfigError(f"{where}: recipe file {path} not found" if where != str(path) else
+                          f"{path}: recipe file not found")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{err.object[err.start]:02x})") from None
+    try:
+        node = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{at}: YAML syntax error: {problem}") from None
+    if node is None:
+        return {}
+    if not isinstance(node, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of keys (e.g. `output_dir: ...`); its top level is a "
+                          f"{type(node).__name__}")
+    # The values as OmegaConf reads them (its loader takes 1e-3 as a float; plain YAML 1.1 reads a string).
+    return OmegaConf.to_container(OmegaConf.create(text))
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
                 layers: Sequence[Any] = (), where: str | None = None) -> T:
     """Build a validated `cls` from a YAML recipe, nested mappings (`layers`: what a pipeline wires in and its
@@ -861,10 +905,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     try:
         merged = schema
         if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"{path}: recipe file not found")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, OmegaConf.create(read_yaml(path)))
         for layer in layers:
             merged = OmegaConf.merge(merged, OmegaConf.create(layer))
         if overrides:
@@ -962,14 +1003,29 @@ def parse_cli(cls: type[T], argv: list[str], prog: str) -> T:
 
 
 def run_cli(cls: type[T], main, prog: str) -> None:
-    """Parse, run, and turn expected failures (bad recipe, bad data) into one line on stderr and exit code 2."""
+    """Parse, run, and turn expected failures (bad recipe, bad data, a stopped run) into one line on stderr and exit
+    code 2, and Ctrl-C into one line saying what the run folder keeps (exit 130)."""
     import sys
 
     from .formats import DataError
 
+    cfg = None
     try:
         cfg = parse_cli(cls, sys.argv[1:], prog)
         main(cfg)
-    except (ConfigError, DataError) as err:
+    except (AlignError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(interrupted(getattr(cfg, "output_dir", None)), file=sys.stderr)
+        sys.exit(130)
+
+
+def interrupted(output_dir: Optional[str]) -> str:
+    """The line printed on Ctrl-C: checkpoints are written atomically, so the newest one is intact."""
+    if not output_dir:
+        return "interrupted"
+    found = sorted((Path(output_dir) / "checkpoints").glob("step-*"))
+    if found:
+        return f"interrupted: {output_dir} keeps its last checkpoint {found[-1].name}; resume=true continues from it"
+    return f"interrupted: {output_dir} has no checkpoint yet (train.save_every); a rerun starts from the beginning"

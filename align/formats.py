@@ -40,6 +40,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+from .config import AlignError
+
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant", "tool")
 # ShareGPT-style `conversations: [{from, value}]` speakers.
@@ -50,7 +52,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 log = logging.getLogger("align")
 
 
-class DataError(ValueError):
+class DataError(AlignError, ValueError):
     """Unusable input; the message is one line naming the file, the line and the field. `reason` is the same
     without the location, for counting skipped records by reason."""
 

@@ -95,3 +95,37 @@ def test_help_lists_keys_with_their_documentation():
     text = C.describe(SFTConfig)
     assert "train.learning_rate = 2e-05" in text and "Peak learning rate." in text
     assert "data.train.path (required)" in text
+
+
+def test_yaml_syntax_errors_and_a_top_level_that_is_not_a_mapping_are_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("output_dir: a\nmodel:\n  name_or_path: m\n   init: random\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(SFTConfig, bad)
+    assert str(err.value) == f"{bad}:4: YAML syntax error: mapping values are not allowed here"
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- output_dir: a\n- model: m\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(SFTConfig, listed)
+    assert str(err.value) == (f"{listed}: a recipe is a mapping of keys (e.g. `output_dir: ...`); its top level is "
+                              f"a list")
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"output_dir: a\n# caf\xe9\n")
+    with pytest.raises(ConfigError, match=rf"{latin1}:2: not UTF-8 text \(byte 0xe9\)"):
+        load_config(SFTConfig, latin1)
+
+
+def test_a_recipe_keeps_yaml_floats_written_without_a_point(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("\ufeffoutput_dir: a\nmodel: {name_or_path: m}\ndata: {train: {path: d.jsonl}}\n"
+                      "train: {learning_rate: 1e-4}\n")  # a BOM, and 1e-4 (a string to plain YAML 1.1)
+    assert load_config(SFTConfig, recipe).train.learning_rate == 1e-4
+
+
+def test_negative_warmup_steps_and_ppo_top_p_are_refused():
+    with pytest.raises(ConfigError, match=r"train.warmup_steps: must be >= 0; got -5"):
+        load_config(SFTConfig, None, BASE + ["train.warmup_steps=-5"])
+    ppo = ["output_dir=/tmp/x", "model.name_or_path=m", "data.train.path=d.jsonl", "reward.rule=length"]
+    for knob in ("rollout.top_p=0.9", "rollout.top_k=20"):
+        with pytest.raises(ConfigError, match="full tempered softmax, so responses must be sampled from it"):
+            load_config(C.PPOConfig, None, ppo + [knob])
