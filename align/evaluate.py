@@ -10,15 +10,21 @@ reward_models/rules.py) scores every response. Per prompt i, d_i = r(candidate_i
 
     win rate      mean of w_i: 1 if d_i > tie_margin, 1/2 if |d_i| <= tie_margin or the two responses are the same
                   text (the shared seed makes that common for nearby policies), 0 otherwise; the 95% interval is
-                  mean +- 1.96 * sd(w) / sqrt(n) (the normal interval AlpacaEval reports as its standard error).
+                  Wilson's score interval on these tie-split outcomes. (The normal interval mean +- 1.96 sd(w)/sqrt(n)
+                  has zero width when every outcome ties and covers far less than 95% near there; Wilson's uses the
+                  largest variance outcomes in [0, 1] with that mean can have, so it holds with ties too.)
     LC win rate   AlpacaEval 2's length control (Dubois et al. 2024) on reward differences: regress d_i on the length
                   feature tanh(l_i / sd(l)), l_i = len(candidate_i) - len(baseline_i) in tokens, by least squares
                   (d = a + b * feature); the win rate of d_i - b * feature_i, the difference the two responses would
                   have at equal length. A reward difference that is a function of that feature alone gives 0.5.
                   Null when the feature hardly varies (one side far longer on every prompt: length and policy
-                  are then confounded) or with fewer than 3 prompts.
+                  are then confounded) or with fewer than 3 prompts. Its 95% interval: the percentile interval of
+                  2,000 bootstrap resamples of the prompts (the slope refitted on each, so its uncertainty counts),
+                  widened where needed to the Wilson interval of the controlled outcomes (which the bootstrap
+                  misses when, say, every outcome ties).
     KL            KL(candidate || baseline) on the candidate's own samples: sum over response tokens of
                   log pi_c(y_t) - log pi_b(y_t) under the sampling temperature (the k1 estimator PPO logs), averaged.
+                  Null under top_p < 1: the responses then come from truncated distributions, whose KL this is not.
     lengths       mean, median, 10th and 90th percentile in tokens, and the share that ended on EOS, for both.
 
 Outputs (with output_dir): eval.json (everything below), samples.jsonl (prompt, both responses, rewards, lengths, KL),
@@ -42,7 +48,7 @@ import numpy as np
 import torch
 
 from . import data, formats, models, rollout, train
-from .config import ConfigError, EvalConfig, load_config, to_yaml
+from .config import AlignError, ConfigError, EvalConfig, load_config, to_yaml
 from .formats import DataError
 from .ppo import Prompt, decode, load_reward, policy_and_reference_logprobs, score, tokenize_prompts
 
@@ -59,40 +65,74 @@ def outcomes(diff: Sequence[float], tie_margin: float = 0.0) -> np.ndarray:
     return np.where(np.abs(d) <= tie_margin, 0.5, (d > 0).astype(np.float64))
 
 
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def wilson_interval(rate: float, n: int, z: float = Z95) -> list[float]:
+    """Wilson's score interval for a mean of n outcomes in [0, 1] (Wilson 1927): the p whose |rate - p| is within z
+    standard errors sqrt(p (1 - p) / n). p (1 - p) bounds the variance of any [0, 1] outcome with mean p, so the
+    interval is valid (conservative) for tie-split outcomes too, and never zero-width."""
+    denom = 1 + z * z / n
+    centre = (rate + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
 def win_rate(diff: Sequence[float], tie_margin: float = 0.0) -> dict:
-    """Win rate (ties count half) with its 95% normal interval, clipped to [0, 1], and the counts."""
+    """Win rate (ties count half) with its 95% Wilson interval, and the counts."""
     w = outcomes(diff, tie_margin)
     n = len(w)
     if n == 0:
         raise ValueError("no prompts to compare")
     rate = float(w.mean())
-    half = 1.96 * float(w.std(ddof=1)) / math.sqrt(n) if n > 1 else math.inf
-    return {"win_rate": rate, "win_rate_ci95": [max(0.0, rate - half), min(1.0, rate + half)],
+    return {"win_rate": rate, "win_rate_ci95": wilson_interval(rate, n),
             "wins": int((w == 1).sum()), "ties": int((w == 0.5).sum()), "losses": int((w == 0).sum()), "n": n}
 
 
 MIN_FEATURE_SD = 0.05  # below this spread the length term cannot be told apart from the intercept
 
 
-def length_controlled(diff: Sequence[float], length_diff: Sequence[float], tie_margin: float = 0.0) -> dict:
-    """The win rate with the length effect regressed out (see the module docstring). Not estimable (lc_win_rate
-    None) with fewer than 3 prompts, or when the length feature hardly varies: one side longer by many standard
-    deviations on every prompt saturates tanh, and length is then confounded with the policy itself."""
-    d = np.asarray(diff, dtype=np.float64)
-    lengths = np.asarray(length_diff, dtype=np.float64)
-    none = {"lc_win_rate": None, "length_slope": None, "intercept": None}
+def length_feature(lengths: np.ndarray) -> Optional[np.ndarray]:
+    """tanh(l / sd(l)), or None when it cannot carry a slope (fewer than 3 prompts, or hardly any spread)."""
     sd = float(lengths.std(ddof=1)) if len(lengths) > 1 else 0.0
-    if len(d) < 3 or sd == 0.0:
-        return none
+    if len(lengths) < 3 or sd == 0.0:
+        return None
     feature = np.tanh(lengths / sd)
-    if float(feature.std(ddof=1)) < MIN_FEATURE_SD:
-        return none
+    return None if float(feature.std(ddof=1)) < MIN_FEATURE_SD else feature
+
+
+def _slope_intercept(d: np.ndarray, feature: np.ndarray) -> tuple[float, float]:
+    """Least squares of d = a + b * feature: (b, a)."""
     centred = feature - feature.mean()
     slope = float((centred * (d - d.mean())).sum() / (centred ** 2).sum())
-    intercept = float(d.mean() - slope * feature.mean())
-    controlled = d - slope * feature
-    return {"lc_win_rate": float(outcomes(controlled, tie_margin).mean()), "length_slope": slope,
-            "intercept": intercept}
+    return slope, float(d.mean() - slope * feature.mean())
+
+
+def length_controlled(diff: Sequence[float], length_diff: Sequence[float], tie_margin: float = 0.0,
+                      n_boot: int = 2000, seed: int = 0) -> dict:
+    """The win rate with the length effect regressed out, and its 95% interval (see the module docstring). Not
+    estimable (lc_win_rate None) with fewer than 3 prompts, or when the length feature hardly varies: one side
+    longer by many standard deviations on every prompt saturates tanh, and length is then confounded with the
+    policy itself."""
+    d = np.asarray(diff, dtype=np.float64)
+    feature = length_feature(np.asarray(length_diff, dtype=np.float64))
+    if feature is None:
+        return {"lc_win_rate": None, "lc_win_rate_ci95": None, "length_slope": None, "intercept": None}
+    slope, intercept = _slope_intercept(d, feature)
+    rate = float(outcomes(d - slope * feature, tie_margin).mean())
+    # Bootstrap: resample prompts and refit the slope on the feature as defined on all of them (its scale is a
+    # convention, not an estimate).
+    resampled = []
+    rng = np.random.default_rng(seed)
+    for idx in rng.integers(0, len(d), size=(n_boot, len(d))):
+        if float(feature[idx].std()) < MIN_FEATURE_SD:  # (almost) one length in the resample: no slope to fit
+            continue
+        b, _ = _slope_intercept(d[idx], feature[idx])
+        resampled.append(float(outcomes(d[idx] - b * feature[idx], tie_margin).mean()))
+    lo, hi = wilson_interval(rate, len(d))
+    if resampled:
+        lo, hi = min(lo, float(np.percentile(resampled, 2.5))), max(hi, float(np.percentile(resampled, 97.5)))
+    return {"lc_win_rate": rate, "lc_win_rate_ci95": [lo, hi], "length_slope": slope, "intercept": intercept}
 
 
 def show(x: Optional[float], digits: int = 3) -> str:
@@ -107,11 +147,12 @@ def length_summary(lengths: Sequence[int], stopped: Sequence[bool]) -> dict:
 
 
 def summarize(candidate_rewards: Sequence[float], baseline_rewards: Sequence[float],
-              candidate_lengths: Sequence[int], baseline_lengths: Sequence[int], kl: Sequence[float],
+              candidate_lengths: Sequence[int], baseline_lengths: Sequence[int], kl: Optional[Sequence[float]],
               candidate_stopped: Sequence[bool], baseline_stopped: Sequence[bool], tie_margin: float = 0.0,
               same_response: Optional[Sequence[bool]] = None) -> dict:
     """Everything the evaluation reports, from per-prompt arrays (index i is prompt i on both sides). Where the two
-    responses are the same text (`same_response`) the difference is 0, a tie, whatever rounding the judge adds."""
+    responses are the same text (`same_response`) the difference is 0, a tie, whatever rounding the judge adds.
+    `kl` is None (or holds None) where the KL is not defined (top_p < 1)."""
     rc, rb = np.asarray(candidate_rewards, np.float64), np.asarray(baseline_rewards, np.float64)
     lc, lb = np.asarray(candidate_lengths, np.float64), np.asarray(baseline_lengths, np.float64)
     diff = rc - rb
@@ -119,9 +160,10 @@ def summarize(candidate_rewards: Sequence[float], baseline_rewards: Sequence[flo
         diff = np.where(np.asarray(same_response, dtype=bool), 0.0, diff)
     out = win_rate(diff, tie_margin)
     out.update(length_controlled(diff, lc - lb, tie_margin))
-    kl = np.asarray(kl, np.float64)
+    kl = None if kl is None or any(k is None for k in kl) else np.asarray(kl, np.float64)
     out.update({
-        "kl": float(kl.mean()), "kl_sd": float(kl.std(ddof=1)) if len(kl) > 1 else 0.0,
+        "kl": None if kl is None else float(kl.mean()),
+        "kl_sd": None if kl is None else float(kl.std(ddof=1)) if len(kl) > 1 else 0.0,
         "reward_candidate": float(rc.mean()), "reward_baseline": float(rb.mean()),
         "reward_diff": float((rc - rb).mean()),
         "length_candidate": length_summary(candidate_lengths, candidate_stopped),
@@ -177,7 +219,7 @@ def sequence_kl(candidate, baseline, samples: Samples, cfg: EvalConfig, pad_id: 
 
 def load_policy(location: str, which: str):
     try:
-        return models.load_policy_for_inference(location)
+        return models.load_policy_for_inference(location, f"evaluate.{which}")
     except OSError as err:
         raise ConfigError(f"evaluate.{which}={location}: cannot load it: {err}") from None
 
@@ -214,13 +256,14 @@ def plot(out: Path, rows: list[dict], summary: dict, names: tuple[str, str]) -> 
     fig.tight_layout()
     fig.savefig(out / "rewards.png", dpi=110)
 
-    fig, ax = _figure()
-    ax.scatter([r["kl"] for r in rows], [c - b for c, b in zip(rc, rb)], s=12, alpha=0.7)
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set(xlabel=f"KL({names[0]} || {names[1]}) of the response (nats)", ylabel="reward difference",
-           title=f"mean KL {summary['kl']:.3f}, mean reward difference {summary['reward_diff']:+.3f}")
-    fig.tight_layout()
-    fig.savefig(out / "kl_vs_reward.png", dpi=110)
+    if summary["kl"] is not None:
+        fig, ax = _figure()
+        ax.scatter([r["kl"] for r in rows], [c - b for c, b in zip(rc, rb)], s=12, alpha=0.7)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set(xlabel=f"KL({names[0]} || {names[1]}) of the response (nats)", ylabel="reward difference",
+               title=f"mean KL {summary['kl']:.3f}, mean reward difference {summary['reward_diff']:+.3f}")
+        fig.tight_layout()
+        fig.savefig(out / "kl_vs_reward.png", dpi=110)
 
     fig, ax = _figure()
     lengths_c = [r["length_candidate"] for r in rows]
@@ -243,6 +286,7 @@ def main(cfg: EvalConfig, baseline_cache: Optional[dict] = None, accelerator=Non
     `baseline_cache` (a dict the caller keeps) lets several candidates share one baseline's samples: same
     prompts, settings and seed give the same responses, so they are drawn once."""
     cfg.check_complete("evaluate")
+    check_output_dir(cfg)
     if accelerator is None:
         accelerator = train.plain_accelerator(cfg.precision, cfg.seed)
     device = accelerator.device
@@ -254,6 +298,7 @@ def main(cfg: EvalConfig, baseline_cache: Optional[dict] = None, accelerator=Non
     prompts, data_report = load_prompts(cfg, tokenizer)
     mine = data.spread(prompts, accelerator.process_index, accelerator.num_processes)
     reward = load_reward(cfg.reward, device, at="evaluate.reward")
+    lock = claim_output_dir(cfg, accelerator.is_main_process)  # inputs are good: the folder is created and locked
 
     key = to_yaml(dataclass_replace(cfg, policy=None, output_dir=None))  # everything the baseline's side depends on
     if baseline_cache is not None and key in baseline_cache:
@@ -266,10 +311,12 @@ def main(cfg: EvalConfig, baseline_cache: Optional[dict] = None, accelerator=Non
             baseline_cache[key] = base
     log.info("sampling %d responses from the candidate %s", len(mine), cfg.policy)
     cand = sample_and_score(candidate, tokenizer, mine, reward, cfg, accelerator)
-    kl = sequence_kl(candidate, baseline, cand, cfg, tokenizer.pad_token_id, accelerator)
+    kl = [None] * len(mine)  # top_p < 1: not the KL of the distributions the responses came from (see KL above)
+    if cfg.top_p == 1:
+        kl = sequence_kl(candidate, baseline, cand, cfg, tokenizer.pad_token_id, accelerator).tolist()
 
     rows = [{"prompt": p.messages, "candidate": ct, "baseline": bt, "reward_candidate": float(rc),
-             "reward_baseline": float(rb), "length_candidate": lc, "length_baseline": lb, "kl": float(k),
+             "reward_baseline": float(rb), "length_candidate": lc, "length_baseline": lb, "kl": k,
              "stopped_candidate": bool(sc), "stopped_baseline": bool(sb)}
             for p, ct, bt, rc, rb, lc, lb, k, sc, sb in zip(mine, cand.texts, base.texts, cand.rewards, base.rewards,
                                                           cand.lengths, base.lengths, kl, cand.rollout.stopped,
@@ -288,17 +335,55 @@ def main(cfg: EvalConfig, baseline_cache: Optional[dict] = None, accelerator=Non
                     "sampling": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
                                  "top_p": cfg.top_p, "seed": cfg.seed}})
     if cfg.output_dir and accelerator.is_main_process:
+        out = Path(cfg.output_dir)
         summary["output_dir"] = cfg.output_dir
-        with train.atomic_dir(Path(cfg.output_dir)) as tmp:  # all the files or none: eval.json marks it complete
-            (tmp / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-            plot(tmp, rows, summary, ("candidate", "baseline"))
-            train.write_json_atomic(tmp / "eval.json", summary)
+        train.write_text_atomic(out / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        plot(out, rows, summary, ("candidate", "baseline"))
+        train.write_json_atomic(out / "eval.json", summary)  # last: its presence marks a complete evaluation
+    if lock is not None:
+        lock.release()
     log.info("win rate %.3f [%.3f, %.3f] (%d wins, %d ties, %d losses of %d); length-controlled %s; "
-             "mean reward %.4f vs %.4f; KL %.3f; length %.1f vs %.1f tokens",
+             "mean reward %.4f vs %.4f; KL %s; length %.1f vs %.1f tokens",
              summary["win_rate"], *summary["win_rate_ci95"], summary["wins"], summary["ties"], summary["losses"],
              summary["n"], show(summary["lc_win_rate"]), summary["reward_candidate"], summary["reward_baseline"],
-             summary["kl"], summary["length_candidate"]["mean"], summary["length_baseline"]["mean"])
+             show(summary["kl"]), summary["length_candidate"]["mean"], summary["length_baseline"]["mean"])
     return summary
+
+
+# What an evaluation writes in its folder: overwrite=true replaces these and nothing else.
+EVAL_FILES = ("eval.json", "samples.jsonl", "rewards.png", "kl_vs_reward.png", "lengths.png")
+
+
+def check_output_dir(cfg: EvalConfig) -> None:
+    """The output folder is new, empty, or (with overwrite=true) holds an evaluation of ours no one is writing."""
+    if not cfg.output_dir:
+        return
+    out = Path(cfg.output_dir)
+    train.check_output_dir(out, "evaluate.output_dir")
+    if out.is_dir() and any(e.name != train.LOCK_FILE for e in out.iterdir()):
+        if not (out / "eval.json").is_file():
+            raise ConfigError(f"evaluate.output_dir={out} holds files that are not an align evaluation; choose a new "
+                              f"or empty folder (nothing in it was touched)")
+        if not cfg.overwrite:
+            raise ConfigError(f"evaluate.output_dir={out} already holds an evaluation; pass --overwrite "
+                              f"(overwrite=true) to replace it, or choose another folder")
+    pid = train.FolderLock(out).holder()
+    if pid is not None:
+        raise ConfigError(f"evaluate.output_dir={out}: another run is using this folder (process {pid})")
+
+
+def claim_output_dir(cfg: EvalConfig, is_main: bool) -> Optional[train.FolderLock]:
+    """Create and lock the output folder (main process), clearing an earlier evaluation's files first, so that an
+    interrupted overwrite never looks complete."""
+    if not cfg.output_dir or not is_main:
+        return None
+    out = Path(cfg.output_dir)
+    lock = train.FolderLock(out)
+    train.make_dir(out, "evaluate.output_dir")
+    lock.acquire()
+    if cfg.overwrite:
+        train.clear_entries(out, EVAL_FILES, "earlier evaluation")
+    return lock
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -324,7 +409,8 @@ def parse_args(argv: list[str]) -> EvalConfig:
     ap.add_argument("--format", default="auto", help="the prompts' record format (default: detected)")
     ap.add_argument("--offset", type=int, default=0, help="skip this many records first")
     ap.add_argument("--n", type=int, default=None, help="use at most this many records (after --offset)")
-    ap.add_argument("--out", default=None, help="folder for eval.json, samples.jsonl and the plots")
+    ap.add_argument("--out", default=None, help="folder for eval.json, samples.jsonl and the plots (new or empty)")
+    ap.add_argument("--overwrite", action="store_true", help="replace the evaluation an --out folder already holds")
     defaults = EvalConfig()
     for name in ("max_new_tokens", "temperature", "top_p", "seed", "max_prompt_length", "tie_margin",
                  "generation_batch_size", "micro_batch_size"):
@@ -339,7 +425,7 @@ def parse_args(argv: list[str]) -> EvalConfig:
                                                         "max_prompt_length", "tie_margin", "generation_batch_size",
                                                         "micro_batch_size")}
     layer = {
-        "policy": args.policy, "baseline": args.baseline, "output_dir": args.out,
+        "policy": args.policy, "baseline": args.baseline, "output_dir": args.out, "overwrite": args.overwrite,
         "reward": {"model": args.reward_model, "rule": args.rule, "rule_args": rule_args},
         "prompts": {"path": args.prompts, "format": args.format, "offset": args.offset, "limit": args.n},
         **overrides,
@@ -351,9 +437,12 @@ def cli() -> None:
     try:
         cfg = parse_args(sys.argv[1:])
         summary = main(cfg)
-    except (ConfigError, DataError) as err:
+    except (AlignError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: an evaluation writes its files at the end, so nothing was written", file=sys.stderr)
+        sys.exit(130)
     print(json.dumps({k: v for k, v in summary.items() if k != "data"}))
 
 

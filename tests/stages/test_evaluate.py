@@ -38,7 +38,7 @@ def test_a_policy_against_itself_ties_every_prompt_with_zero_kl(two_policies):
     """Same sampling settings and the same seed give the same responses: all ties, KL exactly 0."""
     result = evaluate.main(config(two_policies[0], two_policies[0]))
     assert result["n"] == 6 and result["ties"] == 6
-    assert result["win_rate"] == 0.5 and result["win_rate_ci95"] == [0.5, 0.5]
+    assert result["win_rate"] == 0.5 and result["win_rate_ci95"] == evaluate.wilson_interval(0.5, 6)
     assert result["lc_win_rate"] is None  # equal lengths everywhere: no length effect to estimate
     assert result["kl"] == 0.0
     assert result["length_candidate"] == result["length_baseline"]
@@ -98,3 +98,33 @@ def test_missing_inputs_and_different_tokenizers_are_clear_errors(two_policies, 
         evaluate.check_same_vocabulary(tiny_tokenizer, smol_tokenizer, config(*two_policies))
     with pytest.raises(ConfigError, match="temperature"):
         config(*two_policies, temperature=0.0)
+
+
+def test_an_out_folder_is_never_replaced_silently(two_policies, tmp_path):
+    """A folder that is not an evaluation is refused untouched; one that holds an evaluation needs overwrite=true,
+    which replaces the evaluation's files and nothing else."""
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "thesis.tex").write_text("my thesis")
+    with pytest.raises(ConfigError, match="holds files that are not an align evaluation"):
+        evaluate.main(config(*two_policies, out=str(out)))
+    assert [p.name for p in out.iterdir()] == ["thesis.tex"]
+
+    fresh = tmp_path / "fresh"
+    first = evaluate.main(config(*two_policies, out=str(fresh)))
+    (fresh / "notes.md").write_text("mine")
+    with pytest.raises(ConfigError, match="already holds an evaluation; pass --overwrite"):
+        evaluate.main(config(*two_policies, out=str(fresh), seed=7))
+    assert json.loads((fresh / "eval.json").read_text())["sampling"]["seed"] == first["sampling"]["seed"] == 42
+    evaluate.main(config(*two_policies, out=str(fresh), seed=7, overwrite=True))
+    assert json.loads((fresh / "eval.json").read_text())["sampling"]["seed"] == 7
+    assert (fresh / "notes.md").read_text() == "mine"
+
+
+def test_under_top_p_the_kl_is_not_reported(two_policies, tmp_path):
+    """Responses from truncated distributions: the full-softmax KL is not theirs, so it is null (and not plotted)."""
+    out = tmp_path / "eval"
+    result = evaluate.main(config(*two_policies, out=str(out), top_p=0.9))
+    assert result["kl"] is None and result["n"] == 6
+    assert all(json.loads(line)["kl"] is None for line in (out / "samples.jsonl").read_text().splitlines())
+    assert not (out / "kl_vs_reward.png").exists() and (out / "rewards.png").is_file()

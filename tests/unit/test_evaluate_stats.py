@@ -5,17 +5,19 @@ import math
 import numpy as np
 import pytest
 
-from align.evaluate import length_controlled, length_summary, outcomes, summarize, win_rate
+from align.evaluate import Z95, length_controlled, length_summary, outcomes, summarize, wilson_interval, win_rate
 
 
-def test_win_rate_counts_ties_half_and_its_interval_is_the_normal_one():
-    # d = [1, -1, 0, 2] -> outcomes [1, 0, 1/2, 1]; mean 0.625; deviations .375 -.625 -.125 .375 -> squares sum
-    # 0.6875, sample variance 0.6875 / 3, half-width 1.96 * sqrt(0.6875 / 3) / sqrt(4).
+def test_win_rate_counts_ties_half_and_its_interval_is_wilsons():
+    # d = [1, -1, 0, 2] -> outcomes [1, 0, 1/2, 1]; mean p = 0.625, n = 4, z = 1.96: Wilson's interval is
+    # (p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n) = (1.105200 -+ 0.675049) / 1.9604
+    # = [0.219420, 0.908082].
     result = win_rate([1.0, -1.0, 0.0, 2.0])
-    half = 1.96 * math.sqrt(0.6875 / 3) / 2
     assert result["win_rate"] == pytest.approx(0.625)
-    assert result["win_rate_ci95"] == pytest.approx([0.625 - half, 1.0])  # the upper end is clipped at 1
-    assert (result["wins"], result["ties"], result["losses"], result["n"]) == (2, 1, 1, 4)
+    assert result["win_rate_ci95"] == pytest.approx([0.219420, 0.908082], abs=2e-5)
+    assert (result["wins"], result["ties"], result["losses"]) == (2, 1, 1) and result["n"] == 4
+    # The textbook case: no successes in 10 gives [0, z^2 / (n + z^2)].
+    assert wilson_interval(0.0, 10) == pytest.approx([0.0, Z95 ** 2 / (10 + Z95 ** 2)])
 
 
 def test_tie_margin_makes_small_differences_ties():
@@ -26,9 +28,29 @@ def test_tie_margin_makes_small_differences_ties():
     assert with_margin["win_rate"] == pytest.approx(2 / 3) and with_margin["ties"] == 2
 
 
-def test_identical_outcomes_have_a_zero_width_interval():
-    result = win_rate([0.0, 0.0, 0.0])
-    assert result["win_rate"] == 0.5 and result["win_rate_ci95"] == [0.5, 0.5]
+def test_all_ties_still_have_an_interval_of_honest_width():
+    """The normal interval (mean +- 1.96 sd / sqrt n) has zero width when every outcome ties; Wilson's does not."""
+    result = win_rate([0.0] * 24)
+    lo, hi = result["win_rate_ci95"]
+    assert result["win_rate"] == 0.5 and lo == pytest.approx(1 - hi) and hi - lo == pytest.approx(0.371451, abs=1e-5)
+
+
+def test_the_win_rate_interval_covers_95_percent_when_nearly_every_outcome_ties():
+    """24 prompts, 96% ties, 3% wins, 1% losses: the true win rate is 0.51. The normal interval covers it in only
+    about 63% of samples (often all ties: zero width); Wilson's in at least 95%."""
+    rng = np.random.default_rng(0)
+    truth = 0.03 + 0.96 * 0.5
+    wilson = normal = 0
+    trials = 4000
+    for _ in range(trials):
+        diff = rng.choice([1.0, 0.0, -1.0], size=24, p=[0.03, 0.96, 0.01])
+        lo, hi = win_rate(diff)["win_rate_ci95"]
+        wilson += lo <= truth <= hi
+        w = outcomes(diff)
+        half = 1.96 * w.std(ddof=1) / math.sqrt(len(w))
+        normal += w.mean() - half <= truth <= w.mean() + half
+    assert wilson / trials >= 0.95
+    assert normal / trials < 0.75  # the interval this replaced: the test tells them apart
 
 
 def test_length_control_by_hand():
@@ -41,6 +63,8 @@ def test_length_control_by_hand():
     assert result["intercept"] == pytest.approx(2.0)
     assert result["lc_win_rate"] == 1.0
     assert win_rate([0.0, 1.0, 5.0])["win_rate"] == pytest.approx(2.5 / 3)
+    lo, hi = result["lc_win_rate_ci95"]
+    assert (lo, hi) == pytest.approx(wilson_interval(1.0, 3))  # no resample does worse than all wins: Wilson's
 
 
 def test_a_judge_that_only_pays_for_length_gives_one_half_after_length_control():
@@ -51,6 +75,8 @@ def test_a_judge_that_only_pays_for_length_gives_one_half_after_length_control()
     assert raw == pytest.approx(0.5)  # three longer and three shorter
     assert controlled["length_slope"] == pytest.approx(3.0)
     assert controlled["lc_win_rate"] == 0.5  # every controlled difference is 0: all ties
+    # Every bootstrap resample gives 0.5 too; the interval is still Wilson's width for six outcomes, not zero.
+    assert controlled["lc_win_rate_ci95"] == pytest.approx(wilson_interval(0.5, 6))
 
 
 def test_length_control_credits_a_shorter_but_better_policy():
@@ -66,8 +92,8 @@ def test_length_control_credits_a_shorter_but_better_policy():
 
 
 def test_without_length_spread_the_length_effect_is_not_estimated():
-    assert length_controlled([1.0, -1.0, 2.0], [5.0, 5.0, 5.0]) == {"lc_win_rate": None, "length_slope": None,
-                                                                   "intercept": None}
+    assert length_controlled([1.0, -1.0, 2.0], [5.0, 5.0, 5.0]) == {"lc_win_rate": None, "lc_win_rate_ci95": None,
+                                                                   "length_slope": None, "intercept": None}
     # One side longer by many standard deviations everywhere: tanh saturates, length and policy are confounded.
     saturated = length_controlled([0.3, -0.2, 0.1, -0.4, 0.2, 0.0], [40.0, 41.0, 42.0, 43.0, 44.0, 45.0])
     assert saturated["lc_win_rate"] is None
@@ -88,3 +114,27 @@ def test_identical_responses_are_ties_whatever_the_judge_rounding():
     out = summarize([0.5000001, 1.0], [0.5, 0.2], [4, 4], [4, 3], [0.0, 0.1], [True] * 2, [True] * 2,
                     same_response=[True, False])
     assert (out["wins"], out["ties"], out["losses"]) == (1, 1, 0)
+
+
+def test_the_length_controlled_interval_holds_its_coverage():
+    """A candidate 0.2 better at equal length, judged by a reward that also pays for length: over 400 samples of 40
+    prompts the LC win rate's interval covers the LC win rate of the whole population in at least 95% (97% measured;
+    a normal interval on the controlled outcomes, which ignores the fitted slope's uncertainty, covers 93.5%)."""
+    rng = np.random.default_rng(1)
+
+    def draw(n):
+        lengths = rng.normal(0, 10, size=n)
+        diff = 0.2 + 1.5 * np.tanh(lengths / 10) + rng.normal(0, 1.0, size=n)
+        return diff, lengths
+
+    population = length_controlled(*draw(200_000), n_boot=1)["lc_win_rate"]
+    covered = 0
+    for _ in range(400):
+        lo, hi = length_controlled(*draw(40), n_boot=400, seed=int(rng.integers(1 << 30)))["lc_win_rate_ci95"]
+        covered += lo <= population <= hi
+    assert covered / 400 >= 0.95
+
+
+def test_kl_is_null_where_it_is_not_defined():
+    out = summarize([1.0, 0.0], [0.5, 0.2], [4, 4], [4, 3], [None, None], [True] * 2, [True] * 2)
+    assert out["kl"] is None and out["kl_sd"] is None and out["win_rate"] == 0.5
