@@ -41,7 +41,19 @@ from typing import Any, Optional
 import torch
 
 from . import formats, train
-from .config import STAGES, ConfigError, EvalConfig, PipelineConfig, RewardConfig, load_config, parse_cli, to_yaml
+from .config import (
+    STAGES,
+    AlignError,
+    ConfigError,
+    EvalConfig,
+    PipelineConfig,
+    RewardConfig,
+    interrupted,
+    load_config,
+    parse_cli,
+    read_yaml,
+    to_yaml,
+)
 from .evaluate import show
 from .formats import DataError
 
@@ -72,13 +84,7 @@ def policy_output(stage_cfg: Any) -> str:
 
 
 def read_recipe(path: Optional[str], where: str) -> dict:
-    from omegaconf import OmegaConf
-
-    if path is None:
-        return {}
-    if not Path(path).is_file():
-        raise ConfigError(f"{where}: recipe file {path} not found")
-    return OmegaConf.to_container(OmegaConf.load(path)) or {}
+    return {} if path is None else read_yaml(path, where)
 
 
 def plan(cfg: PipelineConfig, where: str, num_processes: int = 1) -> list[Stage]:
@@ -100,7 +106,13 @@ def plan(cfg: PipelineConfig, where: str, num_processes: int = 1) -> list[Stage]
             wired["model"] = {"name_or_path": policy_output(built["sft"]), "gguf_file": None, "init": "pretrained"}
             inputs.append("sft")
         if name == "ppo" and "rm" in built:
-            recipe.get("reward", {}).pop("rule_args", None)  # the recipe's rule gives way to the trained model
+            # The recipe's reward (a rule, or another model) gives way to the trained reward model; its other
+            # settings (max_length) stay.
+            theirs = recipe.get("reward") or {}
+            if theirs.get("rule") or theirs.get("model"):
+                log.info("stage ppo: the recipe's reward (%s) gives way to the rm stage's reward model",
+                         f"rule {theirs['rule']}" if theirs.get("rule") else theirs["model"])
+            recipe["reward"] = {k: v for k, v in theirs.items() if k not in ("rule", "rule_args", "model")}
             wired["reward"] = {"model": str(Path(built["rm"].output_dir) / "model"), "rule": None}
             inputs.append("rm")
         built[name] = load_config(STAGES[name], layers=[recipe, wired, spec.overrides], where=stage_where)
@@ -152,23 +164,21 @@ class Ledger:
         return self.state[group].get(name, {})
 
 
-def fingerprint(settings: str, input_files: list[Path]) -> str:
-    """Identity of a step's work: its resolved settings and the exact outputs it reads (their report files, which
-    change whenever the stage that wrote them runs again)."""
-    h = hashlib.sha256(settings.encode())
+def fingerprint(identity: dict, input_files: list[Path]) -> str:
+    """Identity of a step's work: its settings and its data files' contents (`train.run_identity`), and the exact
+    outputs of earlier stages it reads (their report files, which change whenever the stage that wrote them runs
+    again)."""
+    h = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
     for path in input_files:
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
 
 def stage_fingerprint(stage: Stage) -> str:
-    """Settings that change what a stage produces (not logging, progress bars or how often it checkpoints) and
-    the outputs it reads."""
-    from .config import LogConfig
-
-    cfg = dataclass_replace(stage.cfg, resume=True, overwrite=False, log=LogConfig(),
-                            train=dataclass_replace(stage.cfg.train, save_every=0, keep_checkpoints=1))
-    return fingerprint(to_yaml(cfg), [stage.folder.parent / name / "report.json" for name in stage.inputs])
+    """Settings that change what a stage produces (not logging, progress bars or how often it checkpoints), its data
+    by content, and the outputs it reads."""
+    return fingerprint(train.run_identity(stage.cfg, stage.name),
+                       [stage.folder.parent / name / "report.json" for name in stage.inputs])
 
 
 def release_memory() -> None:
@@ -192,6 +202,46 @@ def is_complete(stage: Stage, ledger: Ledger) -> bool:
             f"stage {stage.name}: {stage.folder} holds a complete run made with other settings or inputs; pass "
             f"overwrite=true to run the pipeline again, or delete {stage.folder} (and the stages after it)")
     return True
+
+
+# What a pipeline writes at its top level (stage and evaluation folders are cleared by their own rules).
+PIPELINE_FILES = ("pipeline.json", "pipeline.yaml", "report.md", "report.json",
+                  *(f"curves_{name}.png" for name in STAGES))
+
+
+def check_folder(root: Path) -> None:
+    """The pipeline's folder is new, empty, or holds a pipeline of ours that no other process is running."""
+    train.check_output_dir(root)
+    if root.is_dir() and any(e.name != train.LOCK_FILE for e in root.iterdir()):
+        if not (root / "pipeline.json").is_file():
+            raise ConfigError(f"output_dir={root} holds files that are not an align pipeline; choose a new or empty "
+                              f"folder (nothing in it was touched)")
+        pid = train.FolderLock(root).holder()
+        if pid is not None:
+            raise ConfigError(f"output_dir={root}: another pipeline is using this folder (process {pid}); wait for it "
+                              f"to finish, or choose another output_dir")
+
+
+def clear_folder(root: Path) -> None:
+    """overwrite=true: remove what an earlier pipeline wrote (its stages' run files, its evaluations, its report and
+    ledger) and nothing else."""
+    from .evaluate import EVAL_FILES
+
+    for name in STAGES:
+        if (root / name).is_dir():
+            train.clear_entries(root / name, train.RUN_ENTRIES, f"earlier {name} run")
+            _remove_if_empty(root / name)
+    for folder in sorted(root.glob("eval_*")):
+        if folder.is_dir():
+            train.clear_entries(folder, EVAL_FILES, "earlier evaluation")
+            _remove_if_empty(folder)
+    train.clear_entries(root, PIPELINE_FILES, "earlier pipeline")
+
+
+def _remove_if_empty(folder: Path) -> None:
+    if all(e.name == train.LOCK_FILE for e in folder.iterdir()):
+        (folder / train.LOCK_FILE).unlink(missing_ok=True)
+        folder.rmdir()
 
 
 def run_stage(stage: Stage, index: int, total: int, ledger: Ledger) -> dict:
@@ -264,8 +314,10 @@ def evaluation_plan(cfg: PipelineConfig, stages: list[Stage]) -> tuple[list[tupl
             baseline = policy_output(by_name["sft"].cfg) if starts_from_sft else start_of(by_name[name].cfg)
             if not starts_from_sft and by_name[name].cfg.model.init == "random":
                 return [], f"{name} starts from random weights: there is no baseline to compare (set evaluate.baseline)"
+        # overwrite: eval_<stage> is the pipeline's own folder; a changed evaluation replaces its files there.
         out.append((name, dataclass_replace(ev, policy=policy_output(by_name[name].cfg), baseline=baseline,
-                                            reward=reward, output_dir=str(Path(cfg.output_dir) / f"eval_{name}"))))
+                                            reward=reward, output_dir=str(Path(cfg.output_dir) / f"eval_{name}"),
+                                            overwrite=True)))
     return out, None
 
 
@@ -293,7 +345,7 @@ def run_evaluations(todo: list[tuple[str, EvalConfig]], stages: list[Stage], led
     for name, ev in todo:
         out = Path(ev.output_dir)
         inputs = [s.folder / "report.json" for s in stages if s.name in (name, "sft", "rm")]
-        fp = fingerprint(to_yaml(ev), inputs)
+        fp = fingerprint(train.run_identity(ev, "evaluate"), inputs)
         if (out / "eval.json").is_file() and ledger.get("evaluations", name).get("fingerprint") == fp:
             log.info("evaluation of %s: complete in %s, skipped", name, out)
             results[name] = json.loads((out / "eval.json").read_text())
@@ -312,7 +364,7 @@ def run_evaluations(todo: list[tuple[str, EvalConfig]], stages: list[Stage], led
 
 def read_metrics(folder: Path) -> list[dict]:
     path = folder / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return train.read_jsonl_rows(path)[0] if path.is_file() else []
 
 
 # Per stage: (metric key, title) of the curves worth a look, and the headline of its report.json.
@@ -374,13 +426,21 @@ def stage_headline(name: str, report: dict) -> str:
 def eval_row(name: str, ev: dict) -> str:
     lo, hi = ev["win_rate_ci95"]
     lengths = f"{ev['length_candidate']['mean']:.1f} / {ev['length_baseline']['mean']:.1f}"
-    return (f"| {name} | {ev['win_rate']:.3f} [{lo:.3f}, {hi:.3f}] | {show(ev['lc_win_rate'])} | "
+    return (f"| {name} | {ev['win_rate']:.3f} [{lo:.3f}, {hi:.3f}] | {show_interval(ev, 'lc_win_rate')} | "
             f"{ev['wins']} / {ev['ties']} / {ev['losses']} | {ev['reward_candidate']:.4f} / "
-            f"{ev['reward_baseline']:.4f} | {ev['kl']:.3f} | {lengths} | {ev['n']} |")
+            f"{ev['reward_baseline']:.4f} | {show(ev['kl'])} | {lengths} | {ev['n']} |")
 
 
-EVAL_HEADER = ("| policy | win rate [95% CI] | LC win rate | wins / ties / losses | mean reward (policy / baseline) "
-               "| KL to baseline | length, tokens (policy / baseline) | prompts |\n"
+def show_interval(ev: dict, key: str) -> str:
+    """`0.512 [0.401, 0.620]`, or n/a when the statistic could not be estimated."""
+    interval = ev.get(f"{key}_ci95")
+    if ev.get(key) is None or interval is None:
+        return show(ev.get(key))
+    return f"{ev[key]:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
+EVAL_HEADER = ("| policy | win rate [95% CI] | LC win rate [95% CI] | wins / ties / losses "
+               "| mean reward (policy / baseline) | KL to baseline | length, tokens (policy / baseline) | prompts |\n"
                "| --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
@@ -409,15 +469,17 @@ def write_report(cfg: PipelineConfig, stages: list[Stage], reports: dict[str, di
                           f"these win rates are not held out."]
         for name, ev in evals.items():
             rel = Path(ev["output_dir"]).relative_to(root) if "output_dir" in ev else Path(f"eval_{name}")
-            lines += ["", f"### {name}", "", f"![rewards]({rel}/rewards.png) ![KL vs reward]({rel}/kl_vs_reward.png) "
-                                             f"![lengths]({rel}/lengths.png)"]
+            plots = [(title, f"{rel}/{file}") for title, file in
+                     (("rewards", "rewards.png"), ("KL vs reward", "kl_vs_reward.png"), ("lengths", "lengths.png"))
+                     if (root / rel / file).is_file()]  # no KL plot where the KL is not defined (top_p < 1)
+            lines += ["", f"### {name}", "", " ".join(f"![{title}]({path})" for title, path in plots)]
     lines += ["", "## Stages"]
     for s in stages:
         lines += ["", f"### {s.name}", "", stage_headline(s.name, reports[s.name]) + "."]
         if plot_curves(s.name, read_metrics(s.folder), root / f"curves_{s.name}.png"):
             lines += ["", f"![{s.name} curves](curves_{s.name}.png)"]
     path = root / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    train.write_text_atomic(path, "\n".join(lines) + "\n")
     train.write_json_atomic(root / "report.json", {
         "stages": {s.name: {"folder": str(s.folder), "headline": stage_headline(s.name, reports[s.name]),
                             "seconds": ledger.get("stages", s.name).get("seconds"), "report": reports[s.name]}
@@ -450,18 +512,21 @@ def main(cfg: PipelineConfig, where: str = "pipeline") -> dict:
         log.warning("the evaluation prompts overlap the training records of %s: the win rates will not be held out",
                     ", ".join(overlap))
     root = Path(cfg.output_dir)
-    if cfg.overwrite and is_main and root.exists():
-        import shutil
-
-        shutil.rmtree(root)
+    check_folder(root)
+    if not cfg.overwrite:
+        ledger = Ledger(root, is_main)
+        for stage in stages:  # a complete stage whose settings changed fails here, before anything is written
+            if not is_complete(stage, ledger):
+                break
+    lock = train.FolderLock(root)  # one pipeline per folder, for its whole life
+    if is_main:
+        train.make_dir(root)
+        lock.acquire()
+        if cfg.overwrite:
+            clear_folder(root)
+        train.write_text_atomic(root / "pipeline.yaml", to_yaml(cfg))
     state.wait_for_everyone()
     ledger = Ledger(root, is_main)
-    for stage in stages:  # a complete stage whose settings changed fails here, before anything is written
-        if not is_complete(stage, ledger):
-            break
-    if is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "pipeline.yaml").write_text(to_yaml(cfg))
 
     # ---- the stages, then the evaluations, then the report ------------------------------------------------------
     start = time.perf_counter()
@@ -471,11 +536,13 @@ def main(cfg: PipelineConfig, where: str = "pipeline") -> dict:
     evals = run_evaluations(evaluations, stages, ledger)
     summary = {"report": str(root / "report.md"), "seconds": time.perf_counter() - start,
                "stages": {s.name: stage_headline(s.name, reports[s.name]) for s in stages},
-               "evaluations": {name: {k: ev[k] for k in ("win_rate", "win_rate_ci95", "lc_win_rate", "kl", "n")}
+               "evaluations": {name: {k: ev.get(k) for k in ("win_rate", "win_rate_ci95", "lc_win_rate",
+                                                             "lc_win_rate_ci95", "kl", "n")}
                                for name, ev in evals.items()}}
     if is_main:
         path = write_report(cfg, stages, reports, evals, ledger, overlap)
         print_headline(summary, path)
+    lock.release()
     return summary
 
 
@@ -486,18 +553,27 @@ def print_headline(summary: dict, path: Path) -> None:
     for name, ev in summary["evaluations"].items():
         lo, hi = ev["win_rate_ci95"]
         print(f"  {name} vs baseline: win rate {ev['win_rate']:.3f} [{lo:.3f}, {hi:.3f}], length-controlled "
-              f"{show(ev['lc_win_rate'])}, KL {ev['kl']:.3f} ({ev['n']} prompts)")
+              f"{show_interval(ev, 'lc_win_rate')}, KL {show(ev['kl'])} ({ev['n']} prompts)")
     print(f"  total {_duration(summary['seconds'])} (this invocation)")
     sys.stdout.flush()
 
 
 def cli() -> None:
+    cfg = None
     try:
         cfg = parse_cli(PipelineConfig, sys.argv[1:], "python -m align.pipeline")
         main(cfg, sys.argv[1] if len(sys.argv) > 1 else "pipeline")
-    except (ConfigError, DataError) as err:
+    except (AlignError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        stopped = None
+        if cfg is not None and (Path(cfg.output_dir) / "pipeline.json").is_file():
+            ledger = json.loads((Path(cfg.output_dir) / "pipeline.json").read_text())
+            stopped = next((n for n, e in ledger["stages"].items() if e.get("status") == "failed"), None)
+        line = interrupted(str(Path(cfg.output_dir) / stopped)) if stopped else "interrupted"
+        print(f"{line}; rerunning the same command skips the complete stages and resumes this one", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

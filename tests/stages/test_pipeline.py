@@ -4,12 +4,12 @@ skip-on-rerun, resume of a failed stage, and a report whose numbers are the metr
 import json
 import os
 import re
+import shutil
 
 import pytest
 
 from align import losses, pipeline
 from align.config import ConfigError, PipelineConfig, load_config
-from align.evaluate import show
 from align.formats import DataError
 
 from helpers import ROOT
@@ -97,7 +97,9 @@ def test_report_files_exist_and_their_numbers_are_the_metrics_files_numbers(fini
         lo, hi = ev["win_rate_ci95"]
         evaluation_table = report_md.split("## Policies against the baseline")[1]
         row = re.search(rf"^\| {name} \| (.*)$", evaluation_table, re.M).group(1)
-        assert row.startswith(f"{ev['win_rate']:.3f} [{lo:.3f}, {hi:.3f}] | {show(ev['lc_win_rate'])} |")
+        lc = "n/a" if ev["lc_win_rate"] is None else (f"{ev['lc_win_rate']:.3f} [{ev['lc_win_rate_ci95'][0]:.3f}, "
+                                                      f"{ev['lc_win_rate_ci95'][1]:.3f}]")
+        assert row.startswith(f"{ev['win_rate']:.3f} [{lo:.3f}, {hi:.3f}] | {lc} |")
         assert f"| {ev['kl']:.3f} |" in row
         assert report["evaluations"][name]["win_rate"] == ev["win_rate"]
 
@@ -234,3 +236,54 @@ def test_two_processes_under_accelerate_launch_run_the_pipeline_once(tmp_path, f
         ev = json.loads((out / f"eval_{name}" / "eval.json").read_text())
         assert ev["n"] == json.loads((single / f"eval_{name}" / "eval.json").read_text())["n"]  # no prompt lost
     assert all(s["status"] == "complete" for s in json.loads((out / "pipeline.json").read_text())["stages"].values())
+
+
+# ---- the user's files and changed inputs ----------------------------------------------------------------------
+
+def test_a_folder_that_holds_no_pipeline_is_refused_untouched(tmp_path):
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "train.py").write_text("print('mine')")
+    for overwrite in ("false", "true"):
+        with pytest.raises(ConfigError, match="holds files that are not an align pipeline; choose a new or empty"):
+            pipeline.main(make_config(folder, f"overwrite={overwrite}"))
+        assert [p.name for p in folder.iterdir()] == ["train.py"]
+
+
+def test_overwrite_clears_what_the_pipeline_wrote_and_keeps_the_users_files(tmp_path, finished):
+    out = tmp_path / "copy"
+    shutil.copytree(finished[0], out)
+    (out / "notes.md").write_text("mine")
+    (out / "dpo" / "my_plot.png").write_bytes(b"png")
+    pipeline.clear_folder(out)
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.name != ".align.lock")
+    assert left == ["dpo", "dpo/my_plot.png", "notes.md"]
+
+
+def test_a_stages_data_rewritten_in_place_changes_its_fingerprint(tmp_path):
+    data = tmp_path / "gsm.jsonl"
+    shutil.copy(ROOT / "data" / "gsm8k_400.jsonl", data)
+    cfg = make_config(tmp_path / "x", f"sft.overrides.data.train.path={data}")
+    sft = pipeline.plan(cfg, "test")[0]
+    before = pipeline.stage_fingerprint(sft)
+    os.utime(data)  # touched, not changed: the same run
+    assert pipeline.stage_fingerprint(sft) == before
+    lines = data.read_text().splitlines(keepends=True)
+    data.write_text("".join(lines[1:2] + lines[:1] + lines[2:]))
+    assert pipeline.stage_fingerprint(sft) != before
+
+
+def test_a_ppo_recipe_reward_gives_way_to_the_reward_model_and_says_so(tmp_path, capsys):
+    from align import train
+
+    train.setup_logging(True)
+    for reward, said in (("{rule: length, rule_args: {per_char: 0.01}}", "the recipe's reward (rule length) gives way"),
+                         ("null", None)):
+        recipe = tmp_path / "ppo_x.yaml"
+        recipe.write_text((ROOT / "recipes" / "tiny" / "ppo.yaml").read_text().replace(
+            "reward:\n  rule: length\n  rule_args:\n    per_char: 0.01\n", f"reward: {reward}\n"))
+        capsys.readouterr()
+        ppo = pipeline.plan(make_config(tmp_path / "x", f"ppo.recipe={recipe}"), "test")[-1]
+        assert ppo.cfg.reward.model == str(tmp_path / "x" / "rm" / "model") and ppo.cfg.reward.rule is None
+        logged = capsys.readouterr().out
+        assert (said in logged) if said else "gives way" not in logged
