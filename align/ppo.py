@@ -271,21 +271,23 @@ def evaluate(cfg: PPOConfig, policy, frozen_ref, engine, reward, prompts: list[P
     """Mean reward, KL to the reference (summed k1 per response), response length and EOS rate on held-out prompts,
     sampled with a fixed torch seed (with hf, the same random draws before and after training; vLLM keeps its own
     generator). Training's RNG is left untouched."""
-    mine = data.shard(prompts, accelerator.process_index, accelerator.num_processes)
-    ro = rollout.generate_seeded(engine, [p.ids for p in mine], sampling, cfg.seed + 7919 + accelerator.process_index,
-                                 accelerator.device)
-    scores = score(reward, mine, decode(tokenizer, ro))
-    logps, ref_logps = policy_and_reference_logprobs(policy, frozen_ref, ro, cfg.train.micro_batch_size,
-                                                     sampling.temperature, tokenizer.pad_token_id, accelerator)
-    lengths = torch.tensor([len(r) for r in ro.response_ids])
-    kl = losses.sequence_logprobs(logps - ref_logps, lengths.to(logps.device)).cpu()
-    lengths = lengths.float()
-    sums = torch.stack([scores.sum(), kl.sum(), lengths.sum(), ro.stopped.float().sum(),
-                        torch.tensor(float(len(mine)))]).to(accelerator.device)
-    sums = accelerator.reduce(sums, "sum")
+    # Every prompt, dealt out over the processes (counts may differ by one; sums are reduced, nothing is dropped).
+    mine = data.spread(prompts, accelerator.process_index, accelerator.num_processes)
+    sums = torch.zeros(5)
+    if mine:
+        ro = rollout.generate_seeded(engine, [p.ids for p in mine], sampling,
+                                     cfg.seed + 7919 + accelerator.process_index, accelerator.device)
+        scores = score(reward, mine, decode(tokenizer, ro))
+        logps, ref_logps = policy_and_reference_logprobs(policy, frozen_ref, ro, cfg.train.micro_batch_size,
+                                                         sampling.temperature, tokenizer.pad_token_id, accelerator)
+        lengths = torch.tensor([len(r) for r in ro.response_ids])
+        kl = losses.sequence_logprobs(logps - ref_logps, lengths.to(logps.device)).cpu()
+        sums = torch.stack([scores.sum(), kl.sum(), lengths.float().sum(), ro.stopped.float().sum(),
+                            torch.tensor(float(len(mine)))])
+    sums = accelerator.reduce(sums.to(accelerator.device), "sum")
     n = max(sums[4].item(), 1.0)
     return {"reward/val": sums[0].item() / n, "kl/val": sums[1].item() / n, "response/length/val": sums[2].item() / n,
-            "response/eos_rate/val": sums[3].item() / n}
+            "response/eos_rate/val": sums[3].item() / n, "response/count/val": int(sums[4].item())}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -301,6 +303,8 @@ def main(cfg: PPOConfig) -> dict:
     device, pc = accelerator.device, cfg.ppo
     with accelerator.main_process_first():  # the first process converts a GGUF model into the cache
         base_location = models.materialize(cfg.model)
+        if cfg.reference is not None:
+            models.materialize(cfg.reference, "reference")
         tokenizer = models.load_tokenizer(cfg.model)
     template = data.resolve_policy_template(tokenizer, cfg.data.template)
     train_examples, val_examples = formats.load_train_validation(cfg.data, "prompt", cfg.seed)
@@ -370,10 +374,8 @@ def main(cfg: PPOConfig) -> dict:
     def held_out() -> dict:
         return evaluate(cfg, policy, frozen_ref, engine, reward, val_prompts, tokenizer, accelerator, sampling)
 
-    before = {}
-    if val_prompts and start == 0:
-        before = held_out()
-        run.log(before, step=0)
+    before = run.before_training(start, held_out if val_prompts else None)  # measured now, or read back
+    if before and start == 0:
         log.info("held-out before training: reward %.4f, KL %.3f, length %.1f, EOS rate %.2f", before["reward/val"],
                  before["kl/val"], before["response/length/val"], before["response/eos_rate/val"])
 
@@ -397,6 +399,7 @@ def main(cfg: PPOConfig) -> dict:
 
         # ---- 2 score: the reward model (its own template and tokenizer) or a rule --------------------------
         raw_scores = score(reward, batch_prompts, decode(tokenizer, ro)).to(device)
+        train.stop_if_not_finite(run, step + 1, {"reward/score": accelerator.reduce(raw_scores.sum(), "sum").item()})
         scores = raw_scores.clone()
         if pc.missing_eos_penalty is not None:
             scores -= pc.missing_eos_penalty * (~ro.stopped).float().to(device)
@@ -471,14 +474,18 @@ def main(cfg: PPOConfig) -> dict:
                             pg.sum(), vf.sum(), pg_clipped.float().sum(), vf_clipped.float().sum(),
                             losses.approx_kl(logps, old).sum(), entropy.sum(),
                             torch.tensor(float(sum(mb_lengths)), device=device)]).detach()
+                step_sums = accelerator.reduce(step_sums, "sum")
+                # A NaN or infinite loss stops the run before the update: the last checkpoint stays the last good one.
+                train.stop_if_not_finite(run, step + 1, {"loss/policy": step_sums[0].item(),
+                                                         "loss/value": step_sums[1].item()})
                 if cfg.train.max_grad_norm:
-                    accelerator.clip_grad_norm_(policy.parameters(), cfg.train.max_grad_norm)
-                    accelerator.clip_grad_norm_(critic.parameters(), cfg.train.max_grad_norm)
+                    norms = [accelerator.clip_grad_norm_(net.parameters(), cfg.train.max_grad_norm)
+                             for net in (policy, critic)]
+                    train.stop_if_not_finite(run, step + 1, {"optim/grad_norm": float(sum(norms))})
                 optimizer.step()
                 critic_optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 critic_optimizer.zero_grad(set_to_none=True)
-                step_sums = accelerator.reduce(step_sums, "sum")
                 update_sums += step_sums
                 updates += 1
                 if pc.target_kl is not None and (step_sums[4] / step_sums[6]).item() > pc.target_kl:

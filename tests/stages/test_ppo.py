@@ -180,9 +180,10 @@ def test_critic_starts_from_a_compatible_reward_model_else_from_the_policy(tmp_p
 def test_reward_model_folder_scores_with_its_own_tokenizer(tmp_path, tiny_tokenizer):
     """A run with a reward-model folder (not a rule): scores come from it, and the critic starts from it."""
     folder = _reward_folder(tmp_path, tiny_tokenizer)
-    _, report = run(tmp_path, "rm", "train.max_steps=2", recipe=recipe_with_reward_model(tmp_path, folder))
+    # (This test once ran PPO with output_dir = the reward model's own folder, and overwrite=true deleted it.)
+    _, report = run(tmp_path, "with_rm", "train.max_steps=2", recipe=recipe_with_reward_model(tmp_path, folder))
     assert report["critic_init"] == "reward"
-    assert len({r["reward/score"] for r in rows(tmp_path / "rm")}) == 2
+    assert len({r["reward/score"] for r in rows(tmp_path / "with_rm")}) == 2
 
 
 # ---- bad input --------------------------------------------------------------------------------------------------
@@ -246,3 +247,38 @@ def test_to_rows_and_from_rows_round_trip():
     assert rows_.tolist() == [[0, 1, 2], [3, 0, 0], [4, 5, 0]]
     assert ppo.from_rows(rows_, [2, 0], [3, 1, 2]).tolist() == [4, 5, 0, 1, 2]
     assert data.chunks([1, 2, 3], 2) == [[1, 2], [3]]
+
+
+class OneOfSeveralProcesses:
+    """What ppo.evaluate asks of an accelerator, as process `index` of `num` would answer (its sums not yet reduced
+    with the others')."""
+
+    def __init__(self, index, num):
+        import contextlib
+
+        self.process_index, self.num_processes, self.device = index, num, torch.device("cpu")
+        self.autocast = contextlib.nullcontext
+
+    def reduce(self, tensor, op):
+        return tensor
+
+    def unwrap_model(self, model):
+        return model
+
+
+@pytest.mark.parametrize("processes", [2, 3, 8])
+def test_held_out_prompts_are_all_evaluated_whatever_the_number_of_processes(tiny_tokenizer, processes):
+    """Seven held-out prompts over 2, 3 or 8 processes: every prompt is evaluated once (an even split dropped
+    7 mod processes of them), and a process left without one contributes nothing rather than failing."""
+    from reward_models.rules import LengthReward
+
+    policy = tiny_causal_lm(init_std=0.1, seed=1)
+    cfg = load_config(PPOConfig, TINY_PPO, ["output_dir=/unused"])
+    prompts = [ppo.Prompt([{"role": "user", "content": f"question {i}"}],
+                          tiny_tokenizer(f"question {i}")["input_ids"]) for i in range(7)]
+    sampling = rollout.Sampling(max_new_tokens=4, temperature=1.0)
+    engine = rollout.HFEngine(policy, tiny_tokenizer)
+    counts = [ppo.evaluate(cfg, policy, policy, engine, LengthReward(per_char=0.01), prompts, tiny_tokenizer,
+                           OneOfSeveralProcesses(i, processes), sampling)["response/count/val"]
+              for i in range(processes)]
+    assert sum(counts) == 7 and max(counts) - min(counts) <= 1
