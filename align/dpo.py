@@ -253,7 +253,7 @@ def main(cfg: DPOConfig) -> dict:
         return run.report()
     with accelerator.main_process_first():  # the first process converts a GGUF model into the cache
         base_location = models.materialize(cfg.model)
-        ref_location = models.materialize(cfg.reference) if cfg.reference is not None else None
+        ref_location = models.materialize(cfg.reference, "reference") if cfg.reference is not None else None
         tokenizer = models.load_tokenizer(cfg.model)
     template = data.resolve_policy_template(tokenizer, cfg.data.template)
     train_pairs, val_pairs, data_report = load_pairs(cfg, tokenizer, template)
@@ -269,10 +269,8 @@ def main(cfg: DPOConfig) -> dict:
     val_ref = ref.get("validation")
     evaluate = (lambda: evaluate_pairs(model, val_pairs, val_ref, cfg, accelerator, pad_id)) if val_pairs else None
 
-    before = {}
-    if evaluate and schedule.start == 0:
-        before = evaluate()
-        run.log(before, step=0)
+    before = run.before_training(schedule.start, evaluate)  # measured now, or read back on a resume
+    if before and schedule.start == 0:
         log.info("held-out preference accuracy before training: %.3f (margin %.4f)", before["accuracy/val"],
                  before["rewards/margin/val"])
 
@@ -300,9 +298,10 @@ def main(cfg: DPOConfig) -> dict:
             objective += loss.detach()
             sums += losses.preference_stats(per_pair, reward_c, reward_r, pc, pr)
         metrics = losses.summarize_preference_stats(accelerator.reduce(sums, "sum"), "train")
-        metrics["loss/train"] = accelerator.reduce(objective, "sum").item()  # with RPO's term, what is optimised
-        if cfg.loss.rpo_alpha:
+        if cfg.loss.rpo_alpha:  # loss/train is what is optimised: the preference loss plus alpha x RPO's NLL
+            metrics["loss/preference/train"] = metrics["loss/train"]
             metrics["nll/train"] = accelerator.reduce(nll, "sum").item()
+            metrics["loss/train"] = accelerator.reduce(objective, "sum").item()
         loop.end_step(step, metrics, tokens=sum(train_pairs[i].num_tokens for i in loop.batch_ids))
 
     # ---- evaluate and save ----------------------------------------------------------------------------------

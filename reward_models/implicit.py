@@ -3,8 +3,9 @@ how RewardBench scores DPO models), or SimPO's reference-free beta/|y| log pi(y|
 
 `ImplicitRewardScorer` has RewardScorer's interface (tokenize, score_sequences, score), so
 `python -m reward_models.evaluate --policy DIR [--reference DIR]` prints the same report as for a classifier.
-The policy may be a peft adapter folder (the reference then defaults to its base model with adapters disabled)
-or a full model (the reference from --reference, else the one align.dpo recorded in align_dpo.json).
+The reference is --reference, else the one align.dpo recorded in align_dpo.json (a DPO run's `reference:` model, or
+a full policy's starting weights), else, for a peft adapter folder trained against its own base, that base with the
+adapters disabled.
 """
 
 from __future__ import annotations
@@ -45,23 +46,26 @@ class ImplicitRewardScorer:
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
         self.template = settings.get("template") or data.resolve_policy_template(self.tokenizer, "auto")
 
-        self.reference = None  # None with an adapter policy and no --reference: the base, adapters disabled
+        # The reference: --reference, else the one align.dpo recorded (a separate `reference:` model), else, for an
+        # adapter policy, its base with the adapters disabled (None here).
+        reference = reference or settings.get("reference")
+        self.reference = None
         if (self.folder / "adapter_config.json").is_file():
             from peft import PeftConfig, PeftModel
 
             base = PeftConfig.from_pretrained(str(self.folder)).base_model_name_or_path
             self.policy = PeftModel.from_pretrained(_load_causal_lm(base, self.device), str(self.folder)).eval()
-            if reference is not None:
+            if reference is not None and not self.reference_free:
                 self.reference = _load_causal_lm(reference, self.device)
         else:
             self.policy = _load_causal_lm(str(self.folder), self.device)
-            reference = reference or settings.get("reference")
             if reference is None and not self.reference_free:
                 raise ValueError(f"{self.folder}: a full policy needs its reference model: pass --reference DIR")
             if not self.reference_free:
                 self.reference = _load_causal_lm(reference, self.device)
+        shown = None if self.reference_free else reference or "base, adapters disabled"
         self.description = {"policy": str(self.folder), "beta": self.beta, "reference_free": self.reference_free,
-                            "reference": reference or ("base, adapters disabled" if not self.reference_free else None)}
+                            "reference": shown}
 
     def tokenize(self, prompt, response) -> data.Tokenized:
         """prompt + response with the response as targets; a long sequence loses its oldest prompt tokens (or

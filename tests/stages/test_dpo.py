@@ -188,12 +188,28 @@ def test_a_named_reference_is_used_and_shares_the_cache_when_its_weights_are_the
 
 
 def test_simpo_needs_no_reference_and_trains(tmp_path):
+    """SimPO on polite-vs-rude pairs: no reference pass, and training widens the held-out margin of its own
+    reward beta/|y| log pi(y|x) between chosen and rejected, as the loss asks."""
     path = write_jsonl(tmp_path / "pairs.jsonl", polite_vs_rude(24))
     _, report = run(tmp_path, "simpo", f"data.train.path={path}", "data.validation_fraction=0.25",
-                    "loss.type=simpo", "loss.beta=2.0", "loss.simpo_gamma=0.5", "train.max_steps=2",
-                    "data.train.skip_invalid=false")
+                    "loss.type=simpo", "loss.beta=2.0", "loss.simpo_gamma=0.5", "train.max_steps=4",
+                    "train.learning_rate=1e-2", "data.train.skip_invalid=false")
     assert report["reference"] == {"used": False}
-    assert 0 <= report["val_accuracy"] <= 1
+    assert report["val_margin"] > report["val_margin_before"] + 0.1
+    assert report["val_accuracy"] >= report["val_accuracy_before"]
+
+
+def test_rpo_logs_the_preference_loss_beside_the_total_it_optimises(tmp_path):
+    """loss/train is what is optimised (DPO + alpha x NLL); the DPO part keeps its own key. At step 1 the weights are
+    the same with and without RPO, so the DPO part equals plain DPO's loss."""
+    common = ["train.max_steps=1", "log.every=1"]
+    run(tmp_path, "dpo", *common)
+    run(tmp_path, "rpo", *common, "loss.rpo_alpha=0.5")
+    plain, = [r for r in map(json.loads, open(tmp_path / "dpo" / "metrics.jsonl")) if "loss/train" in r]
+    rpo, = [r for r in map(json.loads, open(tmp_path / "rpo" / "metrics.jsonl")) if "loss/train" in r]
+    assert rpo["loss/preference/train"] == pytest.approx(plain["loss/train"], abs=1e-6)
+    assert rpo["loss/train"] == pytest.approx(rpo["loss/preference/train"] + 0.5 * rpo["nll/train"], abs=1e-5)
+    assert rpo["nll/train"] > 1.0
 
 
 def test_rankings_become_pairs(tmp_path):
@@ -258,6 +274,33 @@ def test_evaluate_policy_scores_the_implicit_reward_like_training(tmp_path, tiny
     assert summary["n"] == 32
     assert summary["accuracy"] == pytest.approx(report["val_accuracy"], abs=1e-9)
     assert 0 <= summary["ci95"][0] <= summary["accuracy"] <= summary["ci95"][1] <= 1
+
+
+def test_evaluate_policy_uses_the_reference_an_adapter_was_trained_against(tmp_path, tiny_pretrained):
+    """LoRA DPO against a separate `reference:` model: the implicit reward is scored against that recorded reference,
+    not the adapter's base with adapters disabled, so the held-out accuracy is the run's own."""
+    other = tmp_path / "other-reference"
+    tiny_causal_lm(init_std=0.1, seed=11).save_pretrained(other)
+    path = write_jsonl(tmp_path / "pairs.jsonl", polite_vs_rude(32))
+    _, report = run(tmp_path, "lora", f"model.name_or_path={tiny_pretrained}", "model.init=pretrained",
+                    "lora.enabled=true", "lora.r=4", f"data.train.path={path}", f"data.validation.path={path}",
+                    "data.validation_fraction=0", "train.max_steps=2", "train.learning_rate=1e-2",
+                    "data.train.skip_invalid=false", f"reference.name_or_path={other}", "reference_cache=false")
+    assert report["val_accuracy_before"] != 0.5  # another reference: the margins start away from 0
+    from reward_models.implicit import ImplicitRewardScorer
+
+    folder = tmp_path / "lora" / "model"
+    scorer = ImplicitRewardScorer(str(folder))
+    assert scorer.description["reference"] == str(other)
+    pairs = [formats.PreferenceExample([{"role": "user", "content": r["prompt"]}],
+                                       [{"role": "assistant", "content": r["chosen"]}],
+                                       [{"role": "assistant", "content": r["rejected"]}])
+             for r in polite_vs_rude(32)]
+    chosen = scorer.score([p.prompt for p in pairs], [p.chosen for p in pairs])
+    rejected = scorer.score([p.prompt for p in pairs], [p.rejected for p in pairs])
+    margin = chosen - rejected
+    accuracy = ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item()
+    assert accuracy == pytest.approx(report["val_accuracy"], abs=1e-9)
 
 
 # ---- resume and processes -------------------------------------------------------------------------------------
