@@ -13,6 +13,7 @@ import importlib.util
 import inspect
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -56,17 +57,49 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def materialize(cfg: ModelConfig) -> str:
-    """A location `from_pretrained` loads directly: GGUF files are converted once into the cache."""
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def check_location(path: str, at: str = "model.name_or_path") -> None:
+    """A model location that `from_pretrained` can use: a model folder, a .gguf file, or something shaped like a Hub
+    id (tried later; a failure is a one-line error too). A missing path, an align run folder given instead of its
+    model, or a folder without config.json is a one-line ConfigError here, before anything loads."""
+    p = Path(path)
+    if p.is_dir():
+        if any((p / name).is_file() for name in ("config.json", "adapter_config.json", "tokenizer_config.json")):
+            return
+        for sub in ("merged", "model"):
+            if (p / sub / "config.json").is_file() or (p / sub / "adapter_config.json").is_file():
+                raise ConfigError(f"{at}={path} is an align run folder, not a model: its model is {p / sub}")
+        raise ConfigError(f"{at}={path}: no config.json there, so it is not a transformers model folder")
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise ConfigError(f"{at}={path} is a file; a model is a folder (or a .gguf file)")
+        return
+    if not _HUB_ID.fullmatch(path) or path.endswith(".gguf"):
+        raise ConfigError(f"{at}={path}: no such file or folder")
+
+
+def hub_or_folder_error(err: OSError, location: str, at: str) -> ConfigError:
+    """transformers' OSError (not found locally, and the Hub unreachable or without it) as one line."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ConfigError(f"{at}={location}: cannot load it: not a local model folder, and the Hub did not provide it "
+                       f"({first})")
+
+
+def materialize(cfg: ModelConfig, at: str = "model") -> str:
+    """A location `from_pretrained` loads directly: GGUF files are converted once into the cache. The location is
+    checked first (`check_location`)."""
     path = resolve(cfg.name_or_path)
     gguf = cfg.gguf_file
     if gguf is None and path.endswith(".gguf"):
         path, gguf = str(Path(path).parent), Path(path).name
     if gguf is None:
+        check_location(path, f"{at}.name_or_path")
         return path
     src = Path(path) / gguf
     if not src.is_file():
-        raise ConfigError(f"model: GGUF file {src} not found")
+        raise ConfigError(f"{at}: GGUF file {src} not found")
     out = cache_dir() / "gguf" / f"{src.stem}-{_file_digest(src)}"
     if (out / "config.json").is_file():
         return str(out)
@@ -96,14 +129,23 @@ def materialize(cfg: ModelConfig) -> str:
 # Tokenizer
 
 
-def load_tokenizer(cfg: ModelConfig, padding_side: str = "right"):
+def load_tokenizer(cfg: ModelConfig, padding_side: str = "right", at: str = "model"):
     from transformers import AutoTokenizer
 
-    location = resolve(cfg.tokenizer) if cfg.tokenizer else materialize(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=cfg.trust_remote_code)
+    if cfg.tokenizer:
+        location = resolve(cfg.tokenizer)
+        check_location(location, f"{at}.tokenizer")
+    else:
+        location = materialize(cfg, at)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=cfg.trust_remote_code)
+    except OSError as err:
+        raise hub_or_folder_error(err, location, f"{at}.tokenizer" if cfg.tokenizer else f"{at}.name_or_path") from None
     if cfg.chat_template:
         template = cfg.chat_template
-        if template.endswith(".jinja") and Path(resolve(template)).is_file():
+        if template.endswith(".jinja"):  # a file name, never the template itself
+            if not Path(resolve(template)).is_file():
+                raise ConfigError(f"{at}.chat_template={template}: file not found")
             template = Path(resolve(template)).read_text()
         tokenizer.chat_template = template
     if tokenizer.pad_token_id is None:
@@ -221,15 +263,18 @@ def _quantization(lora: LoraConfig):
                               bnb_4bit_compute_dtype=torch.bfloat16 if has_fast_bf16() else torch.float16)
 
 
-def load_pretrained(auto_cls, cfg: ModelConfig, lora: LoraConfig, seed: int, **kwargs):
+def load_pretrained(auto_cls, cfg: ModelConfig, lora: LoraConfig, seed: int, at: str = "model", **kwargs):
     """Build `auto_cls` (AutoModelForCausalLM, AutoModelForSequenceClassification...) from the recipe.
     With output_loading_info=True (pretrained only) returns (model, info) as transformers does."""
     from transformers import AutoConfig
 
-    location = materialize(cfg)
+    location = materialize(cfg, at)
     dtype = weight_dtype(cfg, lora)
-    config = AutoConfig.from_pretrained(location, trust_remote_code=cfg.trust_remote_code,
-                                        **{k: v for k, v in kwargs.items() if k == "num_labels"})
+    try:
+        config = AutoConfig.from_pretrained(location, trust_remote_code=cfg.trust_remote_code,
+                                            **{k: v for k, v in kwargs.items() if k == "num_labels"})
+    except OSError as err:
+        raise hub_or_folder_error(err, location, f"{at}.name_or_path") from None
     attention = default_attention(cfg, _model_class(auto_cls, config))
     if attention:
         kwargs["attn_implementation"] = attention
@@ -275,7 +320,7 @@ def load_causal_lm(cfg: ModelConfig, lora: LoraConfig, seed: int, gradient_check
     return model
 
 
-def load_policy_for_inference(name_or_path: str):
+def load_policy_for_inference(name_or_path: str, at: str = "policy"):
     """(model, tokenizer) of a trained policy for sampling and scoring: a full model folder, a .gguf/`pkg:` name, or
     a LoRA adapter folder (its base, recorded in adapter_config.json, with the adapters merged in)."""
     import json
@@ -283,6 +328,8 @@ def load_policy_for_inference(name_or_path: str):
     from transformers import AutoModelForCausalLM
 
     location = Path(resolve(name_or_path))
+    if not str(location).endswith(".gguf"):
+        check_location(str(location), at)
     adapter = location / "adapter_config.json"
     if adapter.is_file():
         import peft
@@ -313,7 +360,15 @@ def add_lora(model, lora: LoraConfig, task_type: str, seed: int, modules_to_save
         modules_to_save=modules_to_save,
     )
     torch.manual_seed(seed)  # adapter init (A is random) is then the same in every process and every run
-    return peft.get_peft_model(model, peft_config)
+    try:
+        return peft.get_peft_model(model, peft_config)
+    except ValueError:
+        if not lora.target_modules:
+            raise
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"lora.target_modules={list(lora.target_modules)}: not found in the model (its linear "
+                          f"layers: {', '.join(linear)})") from None
 
 
 def is_peft(model) -> bool:
@@ -368,7 +423,11 @@ def save(model, tokenizer, out: Path, base_location: Optional[str] = None) -> No
     if is_peft(model) and base_location is not None:
         for peft_cfg in model.peft_config.values():
             peft_cfg.base_model_name_or_path = base_location
+    had_card = (out / "README.md").exists()
     model.save_pretrained(out)
+    if is_peft(model) and not had_card:
+        # peft writes an empty model card ("[More Information Needed]" in every field): none is better than that.
+        (out / "README.md").unlink(missing_ok=True)
     tokenizer.save_pretrained(out)
 
 
