@@ -71,20 +71,25 @@ def score_groups(model, groups, cfg: RMConfig, pad_id: int, device):
 def evaluate_groups(model, groups, cfg: RMConfig, accelerator, pad_id: int, full: bool = False) -> dict:
     """Loss, pairwise accuracy and reward statistics on held-out groups (split over processes). With full=True
     (main process, at the end) also the evaluation report of reward_models.metrics."""
-    mine = groups[accelerator.process_index:: accelerator.num_processes]
+    mine = list(range(accelerator.process_index, len(groups), accelerator.num_processes))
     sums, loss_sum, scored = torch.zeros(6, device=accelerator.device), torch.zeros((), device=accelerator.device), []
     with train.evaluating(model, accelerator) as net:
-        for chunk in data.chunks(mine, cfg.train.micro_batch_size):
+        for ids in data.chunks(mine, cfg.train.micro_batch_size):
+            chunk = [groups[i] for i in ids]
             rewards, ranks, valid, margins = score_groups(net, chunk, cfg, pad_id, accelerator.device)
             loss_sum += group_loss(cfg, rewards, ranks, valid, margins).sum()
             sums += losses.ranking_stats(rewards, ranks, valid)
-            scored.extend(rm_metrics.Group(r[v].tolist(), g.ranks, g.response_chars)
-                          for r, v, g in zip(rewards.cpu(), valid.cpu(), chunk))
+            scored.extend((i, rm_metrics.Group(r[v].tolist(), g.ranks, g.response_chars))
+                          for i, r, v, g in zip(ids, rewards.cpu(), valid.cpu(), chunk))
     sums = accelerator.reduce(sums, "sum")
     out = {"loss/val": (accelerator.reduce(loss_sum, "sum") / len(groups)).item(),
            **losses.summarize_ranking_stats(sums, "val")}
-    if full and accelerator.num_processes == 1:
-        out["report"] = rm_metrics.summarize(scored)
+    if full:
+        if accelerator.num_processes > 1:  # every process's groups, back in file order (the bootstrap is seeded)
+            from accelerate.utils import gather_object
+
+            scored = gather_object(scored)
+        out["report"] = rm_metrics.summarize([group for _, group in sorted(scored, key=lambda x: x[0])])
     return out
 
 
@@ -109,10 +114,8 @@ def main(cfg: RMConfig) -> dict:
     pad_id = tokenizer.pad_token_id
     evaluate = (lambda: evaluate_groups(model, val_groups, cfg, accelerator, pad_id)) if val_groups else None
 
-    before = {}
-    if evaluate and schedule.start == 0:
-        before = evaluate()
-        run.log(before, step=0)
+    before = run.before_training(schedule.start, evaluate)  # measured now, or read back on a resume
+    if before and schedule.start == 0:
         log.info("held-out pairwise accuracy before training: %s", _show(before.get("accuracy/val")))
 
     # ---- the loop -------------------------------------------------------------------------------------------

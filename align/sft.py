@@ -79,10 +79,8 @@ def main(cfg: SFTConfig) -> dict:
     pad_id = tokenizer.pad_token_id
     evaluate = (lambda: evaluate_nll(model, val_set, cfg, accelerator, pad_id)) if val_set else None
 
-    before = {}
-    if evaluate and schedule.start == 0:
-        before = evaluate()
-        run.log(before, step=0)
+    before = run.before_training(schedule.start, evaluate)  # measured now, or read back on a resume
+    if before and schedule.start == 0:
         log.info("held-out loss before training: %.4f (perplexity %.2f)", before["loss/val"], before["ppl/val"])
 
     # ---- the loop -------------------------------------------------------------------------------------------

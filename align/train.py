@@ -2,18 +2,29 @@
 metrics, atomic checkpoints, exact resume, the final report) and progress.
 
 Run folder of a stage:
+    run.json                  written first: the stage, its settings and its data files' sha256 (marks a run folder)
+    .align.lock               held (flock) for the run's life: one run per folder
     config.yaml               the resolved config
     metrics.jsonl             one JSON object per logged step (and tb/ for TensorBoard)
-    checkpoints/step-000040/  model/ (standard layout), optimizer.pt, scheduler.pt, rng-<rank>.pt, state.json
+    before.json               held-out numbers before the first update
+    checkpoints/step-000040/  model/ (standard layout), optimizer.pt, scheduler.pt (tensors only: read with
+                              weights_only=True), rng-<rank>.json, state.json, manifest.json (every file's sha256)
     model/                    the final model (adapter or full), and merged/ with LoRA
     report.json               written last: its presence means the run finished
 Everything is written to a temporary name and renamed, so a crash never leaves a half-written folder that looks
-complete, and the newest complete checkpoint survives any failure.
+complete, and the newest complete checkpoint survives any failure; a checkpoint damaged later is recognised by its
+manifest and passed over for an older one. overwrite=true removes only the entries above, in a folder that holds a
+run; a folder holding anything else is never touched. A resume or a rerun must be the same run (stage, settings less
+logging and checkpoint frequency, data by content) or it is refused.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import dataclasses
+import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -25,15 +36,31 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
 from . import models
-from .config import ConfigError, LogConfig, TrainConfig, to_yaml
+from .config import AlignError, ConfigError, LogConfig, TrainConfig, to_yaml
 
 log = logging.getLogger("align")
+
+
+class NonFiniteLoss(AlignError):
+    """Training produced a NaN or infinite loss (or gradient): the run stops before that update, so its last
+    checkpoint holds the last good weights."""
+
+
+def stop_if_not_finite(run: "Run", step: int, values: dict[str, float]) -> None:
+    """Raise NonFiniteLoss naming the first non-finite value and the checkpoint a resume would start from."""
+    bad = next(((k, v) for k, v in values.items() if v is not None and not math.isfinite(v)), None)
+    if bad is None:
+        return
+    last = run.latest_checkpoint()
+    where = (f"the last good checkpoint is {last} (resume=true continues from it)" if last is not None else
+             "no checkpoint was written (train.save_every=0), so nothing was saved")
+    raise NonFiniteLoss(f"{run.dir}: step {step}: {bad[0]} is {bad[1]}; stopped before the update; {where}")
 
 
 def setup_logging(is_main: bool) -> None:
@@ -132,7 +159,8 @@ def make_scheduler(optimizer, train: TrainConfig, num_steps: int):
 
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `final`; on success it replaces `final` in one rename."""
+    """Yield a temporary folder beside `final`; on success it replaces `final` in one rename. Only for folders the
+    caller's own run wrote (a run's model/, merged/): whatever `final` held is replaced."""
     final = Path(final)
     tmp = final.with_name(f".tmp-{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -163,32 +191,287 @@ def _jsonable(x: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
+def read_jsonl_rows(path: Path) -> tuple[list[dict], int]:
+    """The rows of a JSONL file the run wrote (metrics.jsonl) and how many lines were damaged (a half-written last
+    line after a crash, say) and left out."""
+    rows, damaged = [], 0
+    for line in Path(path).read_bytes().decode("utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            damaged += 1
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            damaged += 1
+    return rows, damaged
+
+
 # --------------------------------------------------------------------------------------------------------------
-# RNG state (exact resume: dropout masks and sampling continue as if never interrupted)
+# RNG state (exact resume: dropout masks and sampling continue as if never interrupted). Stored as JSON: a resumed
+# run reads nothing that could execute code.
+
+
+def _tensor_bytes(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _bytes_tensor(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+             "torch": _tensor_bytes(torch.get_rng_state())}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [_tensor_bytes(t) for t in torch.cuda.get_rng_state_all()]
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_bytes_tensor(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([_bytes_tensor(t) for t in state["cuda"]])
+
+
+def _legacy_rng_state(path: Path) -> dict:
+    """RNG state of a checkpoint written by align 0.1 (rng-<rank>.pt), read with weights_only=True: only tensors,
+    numpy arrays and plain containers are allowed, nothing that runs code."""
+    from numpy._core.multiarray import _reconstruct
+
+    allowed = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    with torch.serialization.safe_globals(allowed):
+        old = torch.load(path, weights_only=True)
+    version, internal, gauss = old["python"]
+    kind, keys, pos, has_gauss, cached = old["numpy"]
+    state = {"python": [version, list(internal), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+             "torch": _tensor_bytes(old["torch"])}
+    if "cuda" in old:
+        state["cuda"] = [_tensor_bytes(t) for t in old["cuda"]]
+    return state
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What a run is: its settings and the content of its data (a resumed or skipped run must be the same run)
+
+# Settings that change nothing a run computes: where it is, how it logs and how often it checkpoints.
+VOLATILE_SETTINGS = ("output_dir", "resume", "overwrite", "log.", "train.save_every", "train.keep_checkpoints")
+
+
+def flat_settings(cfg: Any) -> dict[str, Any]:
+    """The resolved config as {dotted.key: value}, less VOLATILE_SETTINGS."""
+    flat = _flatten(_plain(cfg))
+    return {k: v for k, v in flat.items() if not any(k == p or (p.endswith(".") and k.startswith(p))
+                                                     for p in VOLATILE_SETTINGS)}
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict) and node:
+        out = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def input_files(cfg: Any) -> list[str]:
+    """The data files a config reads: every DataSource, and a rule's files (e.g. gsm8k_exact's `data`)."""
+    from .config import DataSource, RewardConfig
+
+    found: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, DataSource):
+            found.append(node.path)
+        elif isinstance(node, RewardConfig):
+            found.extend(v for v in node.rule_args.values() if isinstance(v, str) and Path(v).is_file())
+        elif dataclasses.is_dataclass(node):
+            for f in dataclasses.fields(node):
+                walk(getattr(node, f.name))
+
+    walk(cfg)
+    return sorted(set(found))
+
+
+_digests: dict[tuple, str] = {}
+
+
+def content_digest(path: str) -> Optional[str]:
+    """sha256 of a file's bytes (remembered per size and mtime: a pipeline asks several times); for a folder, of its
+    listing (names, sizes, mtimes); None for anything else (a Hub dataset id)."""
+    p = Path(path)
+    if p.is_file():
+        st = p.stat()
+        key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in _digests:
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+            _digests[key] = h.hexdigest()
+        return _digests[key]
+    if p.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(p.rglob("*")):
+            if f.is_file():
+                st = f.stat()
+                h.update(f"{f.relative_to(p)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        return "listing:" + h.hexdigest()
+    return None
+
+
+def run_identity(cfg: Any, stage: str) -> dict:
+    """What makes two runs the same run: the stage, its settings (less VOLATILE_SETTINGS) and its data by content."""
+    return {"stage": stage, "settings": flat_settings(cfg),
+            "inputs": {path: content_digest(path) for path in input_files(cfg)}}
+
+
+def identity_mismatch(recorded: dict, current: dict) -> Optional[str]:
+    """Why a run recorded as `recorded` is not the run `current` describes (None when it is)."""
+    if recorded.get("stage") not in (None, current["stage"]):
+        return f"it holds a run of stage {recorded['stage']}, not {current['stage']}"
+    old, new = recorded.get("settings", {}), current["settings"]
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+        shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed[:4])
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        return f"its settings differ: {shown}{more}"
+    old_inputs = recorded.get("inputs")
+    if old_inputs is not None:
+        edited = sorted(p for p in old_inputs.keys() & current["inputs"].keys()
+                        if old_inputs[p] != current["inputs"][p])
+        if edited:
+            return f"its data changed since the run started: {', '.join(edited)}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One run per folder: an exclusive lock for the run's life
+
+
+LOCK_FILE = ".align.lock"
+_held_locks: dict[str, "FolderLock"] = {}
+
+
+class FolderLock:
+    """An exclusive advisory lock (flock) on FOLDER/.align.lock, holding the owner's process id. The kernel drops it
+    when the owner exits, however it exits, so a lock left by a dead process is simply taken over. Runs in one
+    process follow each other (a pipeline's stages, a failed stage and its resume): a folder this process already
+    locked is handed to the newer run."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_FILE
+        self._fd: Optional[int] = None
+
+    def holder(self) -> Optional[int]:
+        """The process id of another live process holding the lock, or None."""
+        if not self.path.is_file() or str(self.path.resolve()) in _held_locks:
+            return None
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_pid(fd) or -1
+        finally:
+            os.close(fd)
+        return None
+
+    def acquire(self) -> None:
+        key = str(self.path.resolve())
+        if key in _held_locks:
+            _held_locks.pop(key).release()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _read_pid(fd)
+            os.close(fd)
+            raise ConfigError(f"{self.folder}: another run is using this folder (process {pid if pid else '?'}); "
+                              f"wait for it to finish, or choose another output_dir") from None
+        previous = _read_pid(fd)
+        if previous and previous != os.getpid():
+            log.info("%s: took over the lock left by process %d (no longer running)", self.folder, previous)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        _held_locks[key] = self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+            _held_locks.pop(str(self.path.resolve()), None)
+
+
+def _read_pid(fd: int) -> Optional[int]:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip() or 0) or None
+    except (ValueError, OSError):
+        return None
+
+
+def check_output_dir(folder: Path, at: str = "output_dir") -> None:
+    """A folder a run can create or use: not a file, under a writable folder."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{at}={folder} is a file, not a folder")
+    parent = folder
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{at}={folder}: {parent} is a file, so the folder cannot be created")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{at}={folder}: {parent} is not writable")
+
+
+def make_dir(folder: Path, at: str = "output_dir") -> None:
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{at}={folder}: cannot create it ({err.strerror or err})") from None
+
+
+def clear_entries(folder: Path, names: Sequence[str], what: str) -> None:
+    """Delete what an earlier run of ours wrote in `folder` (the `names`, and temporary `.tmp-*` leftovers) and
+    nothing else; say what was left in place."""
+    kept = []
+    for entry in sorted(Path(folder).iterdir()):
+        if entry.name in names or entry.name.startswith(".tmp-"):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        elif entry.name != LOCK_FILE:
+            kept.append(entry.name)
+    if kept:
+        log.info("overwrite=true: replaced the %s in %s; left %d files that are not its own in place: %s", what,
+                 folder, len(kept), ", ".join(kept[:5]) + (" ..." if len(kept) > 5 else ""))
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The run folder
 
+RUN_FILE = "run.json"  # written when a run starts: stage, settings and data digests (it marks the folder as a run)
+BEFORE_FILE = "before.json"  # held-out numbers measured before the first update (a resumed run reports them too)
+# Everything a run writes in its folder: overwrite=true removes these (and .tmp-* leftovers), nothing else.
+RUN_ENTRIES = (RUN_FILE, "config.yaml", "metrics.jsonl", "tb", "wandb", "checkpoints", "model", "merged",
+               BEFORE_FILE, "report.json")
+
 
 class Run:
-    """One stage's run folder: refuses to clobber a run, writes the config, logs metrics, saves and finds
-    checkpoints, and marks completion with report.json."""
+    """One stage's run folder: refuses to clobber anything that is not a run of the same kind, holds the folder's lock
+    for the run's life, writes the config, logs metrics, saves and finds checkpoints (falling back to an older one
+    when the newest is damaged), and marks completion with report.json."""
 
     def __init__(self, cfg: Any, accelerator, stage: str):
         """Check the folder (nothing is written until `start`, so bad input leaves no run folder behind)."""
@@ -196,17 +479,60 @@ class Run:
         self.dir = Path(cfg.output_dir)
         self.checkpoints = self.dir / "checkpoints"
         self.is_main = accelerator.is_main_process
-        holds_run = self.dir.is_dir() and any(self.dir.iterdir())
-        if holds_run and not (cfg.overwrite or cfg.resume):
+        self.identity = run_identity(cfg, stage)
+        self._lock = FolderLock(self.dir)
+        self._tb = self._wandb = None
+        self._metrics_file = None
+        check_output_dir(self.dir)
+        if not self.dir.is_dir() or not any(e.name != LOCK_FILE for e in self.dir.iterdir()):
+            return
+        pid = self._lock.holder()
+        if pid is not None:
+            raise ConfigError(f"output_dir={self.dir}: another run is using this folder (process {pid}); wait for it "
+                              f"to finish, or choose another output_dir")
+        recorded = self.recorded_identity()
+        if recorded is None:
+            raise ConfigError(f"output_dir={self.dir} holds files that are not an align run; choose a new or empty "
+                              f"folder (nothing in it was touched)")
+        if not (cfg.overwrite or cfg.resume):
             raise ConfigError(
                 f"output_dir={self.dir} already holds a run; pass resume=true to continue it or overwrite=true "
                 f"to start again"
             )
-        self._tb = self._wandb = None
-        self._metrics_file = None
+        problem = None if cfg.overwrite else identity_mismatch(recorded, self.identity)
+        if problem:
+            remedy = "" if problem.startswith("it holds a run of stage") else "restore them, "
+            raise ConfigError(f"output_dir={self.dir} cannot be resumed by this run: {problem}; {remedy}pass "
+                              f"overwrite=true to start again, or choose another output_dir")
+
+    def recorded_identity(self) -> Optional[dict]:
+        """The identity of the run this folder holds (None when it holds no run of ours). Folders written by align 0.1
+        have no run.json: their config.yaml and report.json stand in (no data digests)."""
+        path = self.dir / RUN_FILE
+        if path.is_file():
+            try:
+                recorded = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return None
+            return recorded if isinstance(recorded, dict) and "settings" in recorded else None
+        config = self.dir / "config.yaml"
+        if not (config.is_file() and any((self.dir / n).exists() for n in ("metrics.jsonl", "report.json"))):
+            return None
+        from omegaconf import OmegaConf
+
+        try:
+            settings = OmegaConf.to_container(OmegaConf.load(config))
+        except Exception:  # noqa: BLE001 - any unreadable config.yaml means: not a folder we recognise
+            return None
+        report = self.dir / "report.json"
+        stage = json.loads(report.read_text()).get("stage") if report.is_file() else None
+        flat = _flatten(settings)
+        volatile = lambda k: any(k == p or (p.endswith(".") and k.startswith(p)) for p in VOLATILE_SETTINGS)  # noqa
+        return {"stage": stage, "settings": {k: v for k, v in flat.items() if not volatile(k)}}
 
     def start(self) -> None:
-        """Create (or clear, with overwrite=true) the folder, write the resolved config, open the metric writers."""
+        """Create the folder and lock it (with overwrite=true, clear the earlier run's files), write the run's identity
+        and resolved config, open the metric writers."""
         if self.is_main:
             self._prepare_folder()
         self.accelerator.wait_for_everyone()
@@ -215,22 +541,18 @@ class Run:
 
     # -- folder -----------------------------------------------------------------------------------------------
     def _prepare_folder(self) -> None:
-        if self.cfg.overwrite and self.dir.is_dir():
-            shutil.rmtree(self.dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        config_path = self.dir / "config.yaml"
-        new = to_yaml(self.cfg)
-        if config_path.is_file() and self.cfg.resume:
-            old = config_path.read_text()
-            changed = _changed_keys(old, new) - {"resume", "overwrite"}
-            if changed:
-                log.warning("resuming with changed settings: %s (the result can differ from an uninterrupted run)",
-                            ", ".join(sorted(changed)))
-        config_path.write_text(new)
+        make_dir(self.dir)
+        self._lock.acquire()
+        if self.cfg.overwrite:
+            clear_entries(self.dir, RUN_ENTRIES, f"earlier {self.stage} run")
+        if not (self.dir / RUN_FILE).is_file():  # a resumed run keeps the identity it started with
+            write_json_atomic(self.dir / RUN_FILE, {**self.identity, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+        write_text_atomic(self.dir / "config.yaml", to_yaml(self.cfg))
 
     @property
     def finished(self) -> bool:
-        """The folder holds a completed run (and overwrite=true does not ask to redo it)."""
+        """The folder holds a completed run of this stage, settings and data (checked in __init__), and overwrite=true
+        does not ask to redo it."""
         return not self.cfg.overwrite and (self.dir / "report.json").is_file()
 
     def report(self) -> dict:
@@ -254,7 +576,8 @@ class Run:
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.is_main:
             return
-        row = {"step": step, **{k: _jsonable(v) if not isinstance(v, (int, float)) else v for k, v in metrics.items()}}
+        row = {"step": step, **{k: v if v is None or isinstance(v, (int, float)) else _jsonable(v)
+                                for k, v in metrics.items()}}
         self._metrics_file.write(json.dumps(row) + "\n")
         self._metrics_file.flush()
         if self._tb is not None:
@@ -265,20 +588,45 @@ class Run:
             self._wandb.log(row, step=step)
 
     def _truncate_metrics_after(self, step: int) -> None:
-        """On resume, drop metric rows logged after the checkpoint (they are recomputed)."""
+        """On resume, drop metric rows logged after the checkpoint (they are recomputed), and damaged lines (a
+        half-written last line when the run was killed)."""
         path = self.dir / "metrics.jsonl"
         if not path.is_file():
             return
-        rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        path.write_text("".join(r + "\n" for r in rows))
+        rows, damaged = read_jsonl_rows(path)
+        if damaged:
+            log.warning("%s: left out %d damaged line(s) (the run was interrupted while writing)", path, damaged)
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= step))
+        if self._metrics_file is not None:  # the writer holds the replaced file: reopen it on the new one
+            self._metrics_file.close()
+            self._metrics_file = open(path, "a", encoding="utf-8")
 
     def close(self) -> None:
         if self._metrics_file is not None:
             self._metrics_file.close()
+            self._metrics_file = None
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
         if self._wandb is not None:
             self._wandb.finish()
+            self._wandb = None
+        self._lock.release()
+
+    # -- held-out numbers before training ------------------------------------------------------------------------
+    def before_training(self, start: int, evaluate: Optional[Callable[[], dict]]) -> dict:
+        """The held-out metrics of the starting model: measured (and logged, and kept in before.json) on a fresh
+        start; read back from before.json on a resume, so the report still says where training started."""
+        if evaluate is None:
+            return {}
+        path = self.dir / BEFORE_FILE
+        if start > 0:
+            return json.loads(path.read_text()) if path.is_file() else {}
+        before = evaluate()
+        self.log(before, step=0)
+        if self.is_main:
+            write_json_atomic(path, before)
+        return before
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def latest_checkpoint(self) -> Optional[Path]:
@@ -288,7 +636,8 @@ class Run:
     def save_checkpoint(self, step: int, model, tokenizer, optimizer, scheduler, state: dict,
                         base_location: Optional[str] = None, extra: Optional[dict[str, tuple]] = None) -> Path:
         """checkpoints/step-N/: the model, its optimizer and schedule, every process's RNG, `state`, and for each
-        `extra` part (e.g. PPO's critic: name -> (model, optimizer, scheduler)) the same under its name."""
+        `extra` part (e.g. PPO's critic: name -> (model, optimizer, scheduler)) the same under its name; last, a
+        manifest of every file's size and sha256, so that a damaged checkpoint is recognised on resume."""
         acc = self.accelerator
         final = self.checkpoints / f"step-{step:06d}"
         tmp = self.checkpoints / f".tmp-step-{step:06d}"
@@ -296,7 +645,7 @@ class Run:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        torch.save(rng_state(), tmp / f"rng-{acc.process_index}.pt")
+        (tmp / f"rng-{acc.process_index}.json").write_text(json.dumps(rng_state()))
         if self.is_main:
             parts = {"": (model, optimizer, scheduler), **{f"{k}_": v for k, v in (extra or {}).items()}}
             for prefix, (part_model, part_optimizer, part_scheduler) in parts.items():
@@ -307,6 +656,7 @@ class Run:
             (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, default=_jsonable))
         acc.wait_for_everyone()
         if self.is_main:
+            (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp), indent=1))
             os.replace(tmp, final)
             for old in sorted(self.checkpoints.glob("step-*"))[: -self.cfg.train.keep_checkpoints]:
                 shutil.rmtree(old)
@@ -314,30 +664,62 @@ class Run:
         return final
 
     def resume(self, model, optimizer, scheduler, extra: Optional[dict[str, tuple]] = None) -> dict:
-        """With resume=true, load the newest checkpoint into these objects (before accelerator.prepare) and
-        return its state; otherwise (or with none yet) {"step": 0}. Metric rows past that step are dropped."""
-        checkpoint = self.latest_checkpoint() if self.cfg.resume else None
-        if checkpoint is None:
-            if self.is_main and self.cfg.resume:
-                log.info("resume=true but %s has no checkpoint yet: starting from step 0", self.dir)
-                self._truncate_metrics_after(-1)
+        """With resume=true, load the newest intact checkpoint into these objects (before accelerator.prepare) and
+        return its state; otherwise (or with none yet) {"step": 0}. A damaged checkpoint (a file missing, cut short or
+        changed since it was written, or one that does not load) is passed over for the next older one, and the log
+        says so. Metric rows past the loaded step are dropped."""
+        if not self.cfg.resume:
             return {"step": 0}
-        return self.load_checkpoint(checkpoint, model, optimizer, scheduler, extra)
+        found = sorted(self.checkpoints.glob("step-*"), reverse=True) if self.checkpoints.is_dir() else []
+        damaged = []
+        for checkpoint in found:
+            problem = verify_checkpoint(checkpoint)
+            if problem is None:
+                try:
+                    state = self.load_checkpoint(checkpoint, model, optimizer, scheduler, extra)
+                except Exception as err:  # noqa: BLE001 - whatever fails to load, the checkpoint cannot be used
+                    problem = f"it does not load: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                else:
+                    self._drop_superseded(damaged)
+                    return state
+            damaged.append(checkpoint.name)
+            log.warning("%s is damaged (%s): falling back to an older checkpoint", checkpoint, problem)
+        if found:
+            raise ConfigError(f"{self.checkpoints}: no intact checkpoint to resume from ({', '.join(damaged)} damaged);"
+                              f" pass overwrite=true to start again")
+        if self.is_main:
+            log.info("resume=true but %s has no checkpoint yet: starting from step 0", self.dir)
+            self._truncate_metrics_after(-1)
+        return {"step": 0}
+
+    def _drop_superseded(self, names: list[str]) -> None:
+        """Damaged checkpoints newer than the one resumed from: the resumed run recomputes their steps (as it does
+        their metric rows), and a damaged one must not outlive good ones when old checkpoints are pruned."""
+        self.accelerator.wait_for_everyone()  # every process has read the checkpoint it resumes from
+        if self.is_main:
+            for name in names:
+                shutil.rmtree(self.checkpoints / name)
+                log.info("removed the damaged %s (its steps are run again)", name)
 
     def load_checkpoint(self, path: Path, model, optimizer, scheduler, extra: Optional[dict[str, tuple]] = None
                         ) -> dict:
         """Restore model weights (before accelerator.prepare), optimizer, schedule, the `extra` parts and this
-        process's RNG."""
+        process's RNG. Nothing is unpickled: weights are safetensors, optimizer and schedule states are read with
+        weights_only=True (tensors and plain containers only), the RNG state and `state` are JSON."""
         parts = {"": (model, optimizer, scheduler), **{f"{k}_": v for k, v in (extra or {}).items()}}
         for prefix, (part_model, part_optimizer, part_scheduler) in parts.items():
             models.load_trained_weights(part_model, path / f"{prefix}model")
-            part_optimizer.load_state_dict(torch.load(path / f"{prefix}optimizer.pt", weights_only=False))
-            part_scheduler.load_state_dict(torch.load(path / f"{prefix}scheduler.pt", weights_only=False))
-        rng_file = path / f"rng-{self.accelerator.process_index}.pt"
-        if not rng_file.is_file():
-            raise ConfigError(f"{path}: no RNG state for process {self.accelerator.process_index}; resume with the "
-                              f"same number of processes as the interrupted run")
-        set_rng_state(torch.load(rng_file, weights_only=False))
+            part_optimizer.load_state_dict(torch.load(path / f"{prefix}optimizer.pt", weights_only=True))
+            part_scheduler.load_state_dict(torch.load(path / f"{prefix}scheduler.pt", weights_only=True))
+        rank = self.accelerator.process_index
+        rng_file, legacy = path / f"rng-{rank}.json", path / f"rng-{rank}.pt"
+        if rng_file.is_file():
+            set_rng_state(json.loads(rng_file.read_text()))
+        elif legacy.is_file():
+            set_rng_state(_legacy_rng_state(legacy))
+        else:
+            raise ConfigError(f"{path}: no RNG state for process {rank}; resume with the same number of processes "
+                              f"as the interrupted run")
         state = json.loads((path / "state.json").read_text())
         if self.is_main:
             self._truncate_metrics_after(state["step"])
@@ -352,26 +734,57 @@ class Run:
         self.accelerator.wait_for_everyone()
 
 
+MANIFEST = "manifest.json"
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manifest(folder: Path) -> dict:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return {"files": {str(p.relative_to(folder)): [p.stat().st_size, _file_sha256(p)] for p in files}}
+
+
+def verify_checkpoint(folder: Path) -> Optional[str]:
+    """Why a checkpoint cannot be used (None when every file its manifest lists is there, whole and unchanged).
+    Checkpoints written by align 0.1 have no manifest: their state.json must read."""
+    manifest = folder / MANIFEST
+    if manifest.is_file():
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            return "its manifest is unreadable"
+        for name, (size, digest) in sorted(files.items()):
+            path = folder / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != size:
+                return f"{name} has {path.stat().st_size} bytes, not {size}"
+            if _file_sha256(path) != digest:
+                return f"{name} changed since it was written"
+        return None
+    try:
+        json.loads((folder / "state.json").read_text())["step"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        return "state.json is missing or unreadable"
+    return None
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = Path(path).with_name(f".tmp-{Path(path).name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _plain(cfg: Any) -> Any:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(OmegaConf.structured(cfg))
-
-
-def _changed_keys(old_yaml: str, new_yaml: str) -> set[str]:
-    from omegaconf import OmegaConf
-
-    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
-        if isinstance(node, dict):
-            out = {}
-            for k, v in node.items():
-                out.update(flat(v, f"{prefix}{k}."))
-            return out
-        return {prefix[:-1]: node}
-
-    a = flat(OmegaConf.to_container(OmegaConf.create(old_yaml)))
-    b = flat(OmegaConf.to_container(OmegaConf.create(new_yaml)))
-    return {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -492,9 +905,11 @@ class Loop:
         """Clip, step the optimizer and the schedule; then progress, the metrics window, evaluation and
         checkpoints at their intervals. `metrics` are this step's (already reduced over processes)."""
         cfg, schedule = self.cfg, self.schedule
+        stop_if_not_finite(self.run, step + 1, {k: v for k, v in metrics.items() if k.startswith("loss/")})
         grad_norm = None
         if cfg.train.max_grad_norm:
             grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
+            stop_if_not_finite(self.run, step + 1, {"optim/grad_norm": float(grad_norm)})
         schedule.optimizer.step()
         schedule.scheduler.step()
         schedule.optimizer.zero_grad(set_to_none=True)

@@ -264,3 +264,25 @@ def test_score_and_evaluate_round_trip(tmp_path):
     tree = json.loads(open(tmp_path / "s-trees.jsonl").readline())
     assert sum("reward" in r for r in tree["prompt"]["replies"]) == sum(
         r.get("rank") is not None for r in tree["prompt"]["replies"])
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_validation_report_as_one(tmp_path):
+    """Under `accelerate launch` with two CPU processes the final validation report (accuracy, its bootstrap
+    interval, length bias) is gathered from both, in file order: the one-process report, not an empty one."""
+    import os
+
+    common = ["log.progress=false", "overwrite=false", "train.max_steps=2", "log.every=1"]
+    single = [sys.executable, "-m", "align.rm", TINY_RM, f"output_dir={tmp_path / 'one'}", *common]
+    double = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "-m", "align.rm", TINY_RM, f"output_dir={tmp_path / 'two'}", *common]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for cmd in (single, double):
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "report.json").read_text())["validation"] for d in ("one", "two"))
+    assert two is not None and two["n"] == one["n"] > 0
+    assert two["accuracy"] == pytest.approx(one["accuracy"], abs=1e-9)
+    assert two["ci95"] == pytest.approx(one["ci95"], abs=1e-9)
+    assert two["length_bias"] == one["length_bias"]
