@@ -243,6 +243,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([_bytes_tensor(t) for t in state["cuda"]])
 
 
+def _load_tensors(path: Path) -> Any:
+    """torch.load of tensors and plain containers only (weights_only=True). A file that holds anything else fails
+    here, and the caller says why in one line: torch's warnings about a foreign pickle protocol add nothing."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, weights_only=True)
+
+
 def _legacy_rng_state(path: Path) -> dict:
     """RNG state of a checkpoint written by align 0.1 (rng-<rank>.pt), read with weights_only=True: only tensors,
     numpy arrays and plain containers are allowed, nothing that runs code."""
@@ -250,7 +258,7 @@ def _legacy_rng_state(path: Path) -> dict:
 
     allowed = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
     with torch.serialization.safe_globals(allowed):
-        old = torch.load(path, weights_only=True)
+        old = _load_tensors(path)
     version, internal, gauss = old["python"]
     kind, keys, pos, has_gauss, cached = old["numpy"]
     state = {"python": [version, list(internal), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
@@ -709,8 +717,8 @@ class Run:
         parts = {"": (model, optimizer, scheduler), **{f"{k}_": v for k, v in (extra or {}).items()}}
         for prefix, (part_model, part_optimizer, part_scheduler) in parts.items():
             models.load_trained_weights(part_model, path / f"{prefix}model")
-            part_optimizer.load_state_dict(torch.load(path / f"{prefix}optimizer.pt", weights_only=True))
-            part_scheduler.load_state_dict(torch.load(path / f"{prefix}scheduler.pt", weights_only=True))
+            part_optimizer.load_state_dict(_load_tensors(path / f"{prefix}optimizer.pt"))
+            part_scheduler.load_state_dict(_load_tensors(path / f"{prefix}scheduler.pt"))
         rank = self.accelerator.process_index
         rng_file, legacy = path / f"rng-{rank}.json", path / f"rng-{rank}.pt"
         if rng_file.is_file():
