@@ -176,8 +176,12 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
     tmp = Path(path).with_name(f".tmp-{Path(path).name}")
-    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -277,7 +281,10 @@ VOLATILE_SETTINGS = ("output_dir", "resume", "overwrite", "log.", "train.save_ev
 
 def flat_settings(cfg: Any) -> dict[str, Any]:
     """The resolved config as {dotted.key: value}, less VOLATILE_SETTINGS."""
-    flat = _flatten(_plain(cfg))
+    return _lasting(_flatten(_plain(cfg)))
+
+
+def _lasting(flat: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if not any(k == p or (p.endswith(".") and k.startswith(p))
                                                      for p in VOLATILE_SETTINGS)}
 
@@ -321,11 +328,7 @@ def content_digest(path: str) -> Optional[str]:
         st = p.stat()
         key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
         if key not in _digests:
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    h.update(block)
-            _digests[key] = h.hexdigest()
+            _digests[key] = _file_sha256(p)
         return _digests[key]
     if p.is_dir():
         h = hashlib.sha256()
@@ -477,9 +480,9 @@ RUN_ENTRIES = (RUN_FILE, "config.yaml", "metrics.jsonl", "tb", "wandb", "checkpo
 
 
 class Run:
-    """One stage's run folder: refuses to clobber anything that is not a run of the same kind, holds the folder's lock
-    for the run's life, writes the config, logs metrics, saves and finds checkpoints (falling back to an older one
-    when the newest is damaged), and marks completion with report.json."""
+    """One stage's run folder: refuses any folder that holds something other than a run of ours, and a resume that
+    is not the same run; holds the folder's lock for the run's life; writes the config, logs metrics, saves and finds
+    checkpoints (falling back to an older one when the newest is damaged), and marks completion with report.json."""
 
     def __init__(self, cfg: Any, accelerator, stage: str):
         """Check the folder (nothing is written until `start`, so bad input leaves no run folder behind)."""
@@ -534,9 +537,7 @@ class Run:
             return None
         report = self.dir / "report.json"
         stage = json.loads(report.read_text()).get("stage") if report.is_file() else None
-        flat = _flatten(settings)
-        volatile = lambda k: any(k == p or (p.endswith(".") and k.startswith(p)) for p in VOLATILE_SETTINGS)  # noqa
-        return {"stage": stage, "settings": {k: v for k, v in flat.items() if not volatile(k)}}
+        return {"stage": stage, "settings": _lasting(_flatten(settings))}
 
     def start(self) -> None:
         """Create the folder and lock it (with overwrite=true, clear the earlier run's files), write the run's identity
@@ -781,12 +782,6 @@ def verify_checkpoint(folder: Path) -> Optional[str]:
     except (OSError, json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
         return "state.json is missing or unreadable"
     return None
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = Path(path).with_name(f".tmp-{Path(path).name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _plain(cfg: Any) -> Any:
