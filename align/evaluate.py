@@ -298,6 +298,7 @@ def main(cfg: EvalConfig, baseline_cache: Optional[dict] = None, accelerator=Non
     prompts, data_report = load_prompts(cfg, tokenizer)
     mine = data.spread(prompts, accelerator.process_index, accelerator.num_processes)
     reward = load_reward(cfg.reward, device, at="evaluate.reward")
+    accelerator.wait_for_everyone()  # every process has checked the folder before the main one creates and locks it
     lock = claim_output_dir(cfg, accelerator.is_main_process)  # inputs are good: the folder is created and locked
 
     key = to_yaml(dataclass_replace(cfg, policy=None, output_dir=None))  # everything the baseline's side depends on

@@ -519,6 +519,7 @@ def main(cfg: PipelineConfig, where: str = "pipeline") -> dict:
             if not is_complete(stage, ledger):
                 break
     lock = train.FolderLock(root)  # one pipeline per folder, for its whole life
+    state.wait_for_everyone()  # every process has checked the folder before the main one writes in it
     if is_main:
         train.make_dir(root)
         lock.acquire()

@@ -542,6 +542,7 @@ class Run:
     def start(self) -> None:
         """Create the folder and lock it (with overwrite=true, clear the earlier run's files), write the run's identity
         and resolved config, open the metric writers."""
+        self.accelerator.wait_for_everyone()  # every process has checked the folder before the main one writes in it
         if self.is_main:
             self._prepare_folder()
         self.accelerator.wait_for_everyone()
