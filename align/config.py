@@ -1021,11 +1021,11 @@ def run_cli(cls: type[T], main, prog: str) -> None:
         sys.exit(130)
 
 
-def interrupted(output_dir: Optional[str]) -> str:
+def interrupted(output_dir: Optional[str], resumed_by: str = "resume=true continues from it") -> str:
     """The line printed on Ctrl-C: checkpoints are written atomically, so the newest one is intact."""
     if not output_dir:
         return "interrupted"
     found = sorted((Path(output_dir) / "checkpoints").glob("step-*"))
     if found:
-        return f"interrupted: {output_dir} keeps its last checkpoint {found[-1].name}; resume=true continues from it"
+        return f"interrupted: {output_dir} keeps its last checkpoint {found[-1].name}; {resumed_by}"
     return f"interrupted: {output_dir} has no checkpoint yet (train.save_every); a rerun starts from the beginning"

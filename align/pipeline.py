@@ -572,8 +572,9 @@ def cli() -> None:
         if cfg is not None and (Path(cfg.output_dir) / "pipeline.json").is_file():
             ledger = json.loads((Path(cfg.output_dir) / "pipeline.json").read_text())
             stopped = next((n for n, e in ledger["stages"].items() if e.get("status") == "failed"), None)
-        line = interrupted(str(Path(cfg.output_dir) / stopped)) if stopped else "interrupted"
-        print(f"{line}; rerunning the same command skips the complete stages and resumes this one", file=sys.stderr)
+        again = "rerunning the same command skips the complete stages and resumes this one"
+        line = interrupted(str(Path(cfg.output_dir) / stopped), again) if stopped else f"interrupted; {again}"
+        print(line, file=sys.stderr)
         sys.exit(130)
 
 
