@@ -1007,13 +1007,11 @@ def run_cli(cls: type[T], main, prog: str) -> None:
     code 2, and Ctrl-C into one line saying what the run folder keeps (exit 130)."""
     import sys
 
-    from .formats import DataError
-
     cfg = None
     try:
         cfg = parse_cli(cls, sys.argv[1:], prog)
         main(cfg)
-    except (AlignError, DataError) as err:
+    except AlignError as err:  # a bad recipe, bad data (formats.DataError), a stopped run
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

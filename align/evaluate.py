@@ -49,7 +49,6 @@ import torch
 
 from . import data, formats, models, rollout, train
 from .config import AlignError, ConfigError, EvalConfig, load_config, to_yaml
-from .formats import DataError
 from .ppo import Prompt, decode, load_reward, policy_and_reference_logprobs, score, tokenize_prompts
 
 log = logging.getLogger("align")
@@ -361,16 +360,14 @@ def check_output_dir(cfg: EvalConfig) -> None:
         return
     out = Path(cfg.output_dir)
     train.check_output_dir(out, "evaluate.output_dir")
-    if out.is_dir() and any(e.name != train.LOCK_FILE for e in out.iterdir()):
+    if train.holds_files(out):
         if not (out / "eval.json").is_file():
             raise ConfigError(f"evaluate.output_dir={out} holds files that are not an align evaluation; choose a new "
                               f"or empty folder (nothing in it was touched)")
         if not cfg.overwrite:
             raise ConfigError(f"evaluate.output_dir={out} already holds an evaluation; pass --overwrite "
                               f"(overwrite=true) to replace it, or choose another folder")
-    pid = train.FolderLock(out).holder()
-    if pid is not None:
-        raise ConfigError(f"evaluate.output_dir={out}: another run is using this folder (process {pid})")
+    train.FolderLock(out).refuse_if_held("evaluate.output_dir")
 
 
 def claim_output_dir(cfg: EvalConfig, is_main: bool) -> Optional[train.FolderLock]:
@@ -438,7 +435,7 @@ def cli() -> None:
     try:
         cfg = parse_args(sys.argv[1:])
         summary = main(cfg)
-    except (AlignError, DataError) as err:
+    except AlignError as err:  # a bad recipe, bad data (DataError), a stopped run
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -55,7 +55,6 @@ from .config import (
     to_yaml,
 )
 from .evaluate import show
-from .formats import DataError
 
 log = logging.getLogger("align")
 POLICY_STAGES = ("sft", "dpo", "ppo")
@@ -212,14 +211,11 @@ PIPELINE_FILES = ("pipeline.json", "pipeline.yaml", "report.md", "report.json",
 def check_folder(root: Path) -> None:
     """The pipeline's folder is new, empty, or holds a pipeline of ours that no other process is running."""
     train.check_output_dir(root)
-    if root.is_dir() and any(e.name != train.LOCK_FILE for e in root.iterdir()):
+    if train.holds_files(root):
         if not (root / "pipeline.json").is_file():
             raise ConfigError(f"output_dir={root} holds files that are not an align pipeline; choose a new or empty "
                               f"folder (nothing in it was touched)")
-        pid = train.FolderLock(root).holder()
-        if pid is not None:
-            raise ConfigError(f"output_dir={root}: another pipeline is using this folder (process {pid}); wait for it "
-                              f"to finish, or choose another output_dir")
+        train.FolderLock(root).refuse_if_held("output_dir")
 
 
 def clear_folder(root: Path) -> None:
@@ -239,7 +235,9 @@ def clear_folder(root: Path) -> None:
 
 
 def _remove_if_empty(folder: Path) -> None:
-    if all(e.name == train.LOCK_FILE for e in folder.iterdir()):
+    """A stage or evaluation folder the clearing left empty (but for its lock file, which no one holds: checked by
+    clear_entries) goes too."""
+    if not train.holds_files(folder):
         (folder / train.LOCK_FILE).unlink(missing_ok=True)
         folder.rmdir()
 
@@ -564,7 +562,7 @@ def cli() -> None:
     try:
         cfg = parse_cli(PipelineConfig, sys.argv[1:], "python -m align.pipeline")
         main(cfg, sys.argv[1] if len(sys.argv) > 1 else "pipeline")
-    except (AlignError, DataError) as err:
+    except AlignError as err:  # a bad recipe, bad data (DataError), a stopped run
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -384,6 +384,13 @@ class FolderLock:
         self.path = self.folder / LOCK_FILE
         self._fd: Optional[int] = None
 
+    def refuse_if_held(self, at: str) -> None:
+        """A one-line ConfigError naming the process that holds the folder, if another live one does."""
+        pid = self.holder()
+        if pid is not None:
+            raise ConfigError(f"{at}={self.folder}: another run is using this folder (process {pid}); wait for it "
+                              f"to finish, or choose another output_dir")
+
     def holder(self) -> Optional[int]:
         """The process id of another live process holding the lock, or None."""
         if not self.path.is_file() or str(self.path.resolve()) in _held_locks:
@@ -452,9 +459,15 @@ def make_dir(folder: Path, at: str = "output_dir") -> None:
         raise ConfigError(f"{at}={folder}: cannot create it ({err.strerror or err})") from None
 
 
+def holds_files(folder: Path) -> bool:
+    """The folder exists and holds something besides a lock file."""
+    return Path(folder).is_dir() and any(e.name != LOCK_FILE for e in Path(folder).iterdir())
+
+
 def clear_entries(folder: Path, names: Sequence[str], what: str) -> None:
     """Delete what an earlier run of ours wrote in `folder` (the `names`, and temporary `.tmp-*` leftovers) and
-    nothing else; say what was left in place."""
+    nothing else; say what was left in place. Never in a folder another live process has locked."""
+    FolderLock(folder).refuse_if_held("overwrite=true: output_dir")
     kept = []
     for entry in sorted(Path(folder).iterdir()):
         if entry.name in names or entry.name.startswith(".tmp-"):
@@ -495,12 +508,9 @@ class Run:
         self._tb = self._wandb = None
         self._metrics_file = None
         check_output_dir(self.dir)
-        if not self.dir.is_dir() or not any(e.name != LOCK_FILE for e in self.dir.iterdir()):
+        if not holds_files(self.dir):
             return
-        pid = self._lock.holder()
-        if pid is not None:
-            raise ConfigError(f"output_dir={self.dir}: another run is using this folder (process {pid}); wait for it "
-                              f"to finish, or choose another output_dir")
+        self._lock.refuse_if_held("output_dir")
         recorded = self.recorded_identity()
         if recorded is None:
             raise ConfigError(f"output_dir={self.dir} holds files that are not an align run; choose a new or empty "
