@@ -22,6 +22,7 @@ from reward_models.model import RewardSettings, load_reward_model, reward_pad_to
 
 from . import data, formats, losses, models, train
 from .config import RMConfig, run_cli
+from .evaluate import show
 
 log = logging.getLogger("align")
 
@@ -116,7 +117,7 @@ def main(cfg: RMConfig) -> dict:
 
     before = run.before_training(schedule.start, evaluate)  # measured now, or read back on a resume
     if before and schedule.start == 0:
-        log.info("held-out pairwise accuracy before training: %s", _show(before.get("accuracy/val")))
+        log.info("held-out pairwise accuracy before training: %s", show(before.get("accuracy/val")))
 
     # ---- the loop -------------------------------------------------------------------------------------------
     loop = train.Loop(cfg, run, accelerator, model, tokenizer, schedule, evaluate, base_location)
@@ -154,7 +155,7 @@ def main(cfg: RMConfig) -> dict:
             r = after["report"]  # accuracy and its interval are None without ordered pairs (all ranks tied)
             ci = "n/a" if r["ci95"] is None else f"{r['ci95'][0]:.3f}-{r['ci95'][1]:.3f}"
             log.info("held-out pairwise accuracy: %s (95%% CI %s, %d pairs); chosen longer %s, shorter %s",
-                     _show(r["accuracy"]), ci, r["n"], _acc(r["length_bias"]["chosen_longer"]),
+                     show(r["accuracy"]), ci, r["n"], _acc(r["length_bias"]["chosen_longer"]),
                      _acc(r["length_bias"]["chosen_shorter"]))
     if accelerator.is_main_process:
         settings = RewardSettings(template, cfg.data.max_length, cfg.data.truncation)
@@ -167,10 +168,6 @@ def main(cfg: RMConfig) -> dict:
 
 def _acc(cell: dict) -> str:
     return "n/a" if cell.get("accuracy") is None else f"{cell['accuracy']:.3f} (n={cell['n']})"
-
-
-def _show(x) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from align import formats
+from align.evaluate import show
 from align.formats import DataError
 from align.train import setup_logging
 from reward_models import metrics
@@ -61,21 +62,17 @@ def report(rankings, scores, categories, out_dir: str | None = None) -> dict:
     return summary
 
 
-def _show(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3f}"  # metrics are None where there is no data for them
-
-
 def print_summary(summary: dict) -> None:
     lb = summary["length_bias"]
     cell = lambda c: "n/a" if c["accuracy"] is None else f"{c['accuracy']:.3f} (n={c['n']})"  # noqa: E731
     ci = "n/a" if summary["ci95"] is None else f"[{summary['ci95'][0]:.3f}, {summary['ci95'][1]:.3f}]"
-    print(f"pairwise accuracy {_show(summary['accuracy'])}  95% CI {ci}  ({summary['n']} pairs, "
+    print(f"pairwise accuracy {show(summary['accuracy'])}  95% CI {ci}  ({summary['n']} pairs, "
           f"{summary['groups']} prompts)")
     if "kendall_tau" in summary:
-        print(f"rankings: Kendall tau {_show(summary['kendall_tau'])}, top-1 {_show(summary['top1_accuracy'])}")
-    print(f"calibration: ECE {_show(summary['ece'])}")
+        print(f"rankings: Kendall tau {show(summary['kendall_tau'])}, top-1 {show(summary['top1_accuracy'])}")
+    print(f"calibration: ECE {show(summary['ece'])}")
     print(f"length bias: chosen longer {cell(lb['chosen_longer'])}, chosen shorter {cell(lb['chosen_shorter'])}; "
-          f"'shorter wins' heuristic {_show(summary['length_heuristic_accuracy'])}")
+          f"'shorter wins' heuristic {show(summary['length_heuristic_accuracy'])}")
     for name, c in summary.get("per_category", {}).items():
         print(f"category {name}: {cell(c)}")
 
