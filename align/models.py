@@ -395,50 +395,103 @@ def logits_at(model, batch) -> torch.Tensor:
     """Logits [K, V] only at the positions that predict a target (`batch.predict_mask`).
 
     The output head and the log-softmax over the vocabulary are the most expensive part of a small model's step;
-    prompt, padding and the last position need no logits, so transformers' `logits_to_keep` (a boolean mask)
-    projects only the kept positions.
+    prompt, padding and the last position need no logits. transformers' `logits_to_keep` projects only the
+    positions it is given. It is given the columns where any row predicts (a 1-D index, which every transformers 5
+    release takes the same way: 5.20 added a per-row boolean mask, but vLLM's CPU build pins transformers < 5.20),
+    and the rows' own positions are picked from those columns.
     """
     keep = batch.predict_mask
     inner = getattr(model, "module", model)  # DDP wraps the model
-    if _accepts_logits_to_keep(inner):
-        logits = model(**batch.model_inputs(), logits_to_keep=keep, use_cache=False).logits
-        if logits.dim() == 2:
-            return logits
-    else:
-        logits = model(**batch.model_inputs(), use_cache=False).logits
-    return logits[keep]
+    if not _accepts_logits_to_keep(inner):
+        return model(**batch.model_inputs(), use_cache=False).logits[keep]
+    columns = keep.any(0).nonzero().squeeze(1)
+    logits = model(**batch.model_inputs(), logits_to_keep=columns, use_cache=False).logits  # [B, len(columns), V]
+    return logits[keep[:, columns]]
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Saving and loading trained weights
 
 
-def save(model, tokenizer, out: Path, base_location: Optional[str] = None) -> None:
+def inner_model(model, state_dict: Optional[dict] = None) -> tuple:
+    """The transformers/peft model that wrappers (the reward model) expose as `.hf`, and its entries of a state dict
+    gathered from the wrapper (keys `hf.*`)."""
+    if not hasattr(model, "hf"):
+        return model, state_dict
+    if state_dict is not None:
+        state_dict = {k[len("hf."):]: v for k, v in state_dict.items() if k.startswith("hf.")}
+    return model.hf, state_dict
+
+
+def save(model, tokenizer, out: Path, base_location: Optional[str] = None, state_dict: Optional[dict] = None
+         ) -> None:
     """Standard layout: a peft adapter folder (adapter_config + safetensors) or a full transformers folder, with
     the tokenizer and its chat template. `base_location` is recorded in an adapter's config so that
-    `from_pretrained(adapter_folder)` finds the base (a real folder, not a `pkg:` name)."""
-    model = getattr(model, "hf", model)  # wrappers (the reward model) expose the transformers/peft model as .hf
+    `from_pretrained(adapter_folder)` finds the base (a real folder, not a `pkg:` name). `state_dict`: the model's
+    whole weights gathered from the processes that shard them (FSDP, ZeRO-3; train.full_state_dict); the model's
+    own tensors are only this process's shard then."""
+    model, state_dict = inner_model(model, state_dict)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if is_peft(model) and base_location is not None:
         for peft_cfg in model.peft_config.values():
             peft_cfg.base_model_name_or_path = base_location
     had_card = (out / "README.md").exists()
-    model.save_pretrained(out)
+    if state_dict is None:
+        model.save_pretrained(out)
+    else:  # peft picks the adapter's entries out of the whole state dict; transformers drops tied duplicates
+        model.save_pretrained(out, state_dict=state_dict)
     if is_peft(model) and not had_card:
         # peft writes an empty model card ("[More Information Needed]" in every field): none is better than that.
         (out / "README.md").unlink(missing_ok=True)
     tokenizer.save_pretrained(out)
 
 
-def save_merged(model, tokenizer, out: Path) -> None:
+def save_merged(model, tokenizer, out: Path, state_dict: Optional[dict] = None) -> None:
     """Base weights with the adapters folded in, as a plain transformers folder (vLLM, TRL and
-    `from_pretrained` load it without peft). Works on a copy: the trained peft model stays usable."""
+    `from_pretrained` load it without peft). Works on a copy: the trained peft model stays usable. With a gathered
+    `state_dict` (sharded training) the copy is built from it, since the model itself holds only a shard."""
     import copy
 
-    merged = copy.deepcopy(model).merge_and_unload()
+    merged = (copy.deepcopy(model) if state_dict is None else unsharded_copy(model, state_dict)).merge_and_unload()
     merged.save_pretrained(Path(out))
     tokenizer.save_pretrained(Path(out))
+
+
+def _unsharded_class(module: torch.nn.Module) -> type:
+    """The module's own class: FSDP2's fully_shard swaps it for a subclass (FSDP<Name>) that shards on forward."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return type(module)
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+
+
+def unsharded_copy(model, state_dict: dict):
+    """A plain single-process model of `model`'s architecture (a transformers model, or a peft model around one)
+    holding `state_dict`, the whole weights gathered from the processes that shard `model`. Built on the meta device
+    and given the gathered tensors themselves, so no second copy of the weights is allocated. Buffers that are no
+    part of a state dict (rotary frequencies) are the same on every process and are taken from `model`."""
+    import copy
+
+    base = model.get_base_model() if is_peft(model) else model
+    with torch.device("meta"):
+        skeleton = _unsharded_class(base)._from_config(copy.deepcopy(base.config))
+        if is_peft(model):
+            import peft
+
+            skeleton = peft.get_peft_model(skeleton, copy.deepcopy(model.peft_config[model.active_adapter]))
+    skeleton.load_state_dict(state_dict, strict=True, assign=True)
+    own = dict(model.named_buffers())
+    for name, buffer in list(skeleton.named_buffers()):
+        if buffer.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            skeleton.get_submodule(owner).register_buffer(leaf, own[name].detach().to("cpu").clone(),
+                                                          persistent=False)
+    plain = skeleton.get_base_model() if is_peft(skeleton) else skeleton
+    if getattr(plain.config, "tie_word_embeddings", False):
+        plain.tie_weights()  # the gathered dict holds the tied weight twice; one tensor again, as trained
+    return skeleton.eval()
 
 
 def load_trained_weights(model, folder: Path) -> None:
