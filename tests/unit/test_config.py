@@ -129,3 +129,16 @@ def test_negative_warmup_steps_and_ppo_top_p_are_refused():
     for knob in ("rollout.top_p=0.9", "rollout.top_k=20"):
         with pytest.raises(ConfigError, match="full tempered softmax, so responses must be sampled from it"):
             load_config(C.PPOConfig, None, ppo + [knob])
+
+
+def test_evaluation_engine_is_hf_or_a_colocated_vllm():
+    base = {"policy": "p", "baseline": "b", "reward": {"rule": "length"}, "prompts": {"path": "x.jsonl"}}
+    assert load_config(C.EvalConfig, layers=[base], where="t").engine == "hf"
+    cfg = load_config(C.EvalConfig, layers=[{**base, "engine": "vllm", "vllm": {"cpu_kv_cache_gib": 2}}], where="t")
+    assert cfg.engine == "vllm" and cfg.vllm.cpu_kv_cache_gib == 2 and cfg.vllm.mode == "colocate"
+    with pytest.raises(ConfigError, match="engine"):
+        load_config(C.EvalConfig, layers=[{**base, "engine": "sglang"}], where="t")
+    with pytest.raises(ConfigError, match=r"vllm\.mode=server.*colocate"):
+        load_config(C.EvalConfig, layers=[{**base, "engine": "vllm", "vllm": {"mode": "server"}}], where="t")
+    with pytest.raises(ConfigError, match="cpu_kv_cache_gib"):
+        load_config(C.EvalConfig, layers=[{**base, "engine": "vllm", "vllm": {"cpu_kv_cache_gib": 0}}], where="t")

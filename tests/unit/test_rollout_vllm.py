@@ -1,6 +1,7 @@
-"""The vllm rollout engine's own logic on a CPU: TRL's `VLLMGeneration` is replaced by a fake that records what it
-is given and answers as TRL does (completions as token lists, log-probs as [sequence][token][1]). What vLLM itself
-computes is checked on a GPU in tests/gpu/test_ppo_gpu.py."""
+"""The vllm rollout engine's own logic, without vLLM: TRL's `VLLMGeneration` is replaced by a fake that records what
+it is given and answers as TRL does (completions as token lists, log-probs as [sequence][token][1]). The engines are
+built in server mode here (nothing local to load); what vLLM itself computes, colocated on this CPU or a GPU, is
+checked in tests/vllm."""
 
 import threading
 import time
@@ -63,6 +64,7 @@ SAMPLING = Sampling(max_new_tokens=8, temperature=0.9, top_p=0.95, top_k=50)
 
 
 def engine(fake_trl, policy=None, **kwargs):
+    kwargs.setdefault("mode", "server")
     return VLLMEngine(policy if policy is not None else model(), tokenizer(), accelerator=object(),
                       sampling=SAMPLING, **kwargs)
 
@@ -233,6 +235,7 @@ def test_generate_with_other_sampling_settings_raises(fake_trl, other):
 def test_close_drops_the_llm_and_tolerates_a_server_engine(fake_trl):
     eng = engine(fake_trl)
     gen = fake_trl.instances[-1]
+    assert gen.kwargs["generation_kwargs"] == {}  # no seed: PPO draws afresh every iteration
     eng.close()
     assert not hasattr(gen, "llm")
     eng.close()  # server mode has no llm: nothing to drop
@@ -240,21 +243,25 @@ def test_close_drops_the_llm_and_tolerates_a_server_engine(fake_trl):
 
 # ---- make_engine ----------------------------------------------------------------------------------------------------
 
-def test_make_engine_vllm_colocate_without_cuda_is_a_clear_error(fake_trl, monkeypatch):
+def test_make_engine_vllm_server_without_cuda_is_a_clear_error(fake_trl, monkeypatch):
+    """TRL's client pushes weights to a server over NCCL: without CUDA that cannot work, so it fails before building."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    cfg = RolloutConfig(engine="vllm", vllm=VLLMConfig(mode="colocate"))
-    with pytest.raises(RuntimeError, match=r"vllm\.mode=colocate needs a CUDA GPU.*rollout\.engine=hf"):
+    cfg = RolloutConfig(engine="vllm", vllm=VLLMConfig(mode="server", server_base_url="http://127.0.0.1:8123"))
+    with pytest.raises(RuntimeError, match=r"vllm\.mode=server.*NCCL.*mode=colocate"):
         make_engine(cfg, model(), tokenizer(), object(), SAMPLING)
-    assert fake_trl.instances == []  # failed before building anything
+    assert fake_trl.instances == []
 
 
 def test_make_engine_vllm_forwards_the_vllm_section(fake_trl, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # server mode needs no local GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # server mode pushes over NCCL
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     cfg = RolloutConfig(engine="vllm", vllm=VLLMConfig(mode="server", server_base_url="http://127.0.0.1:8123",
                                                        server_timeout=5.0, gpu_memory_utilization=0.25,
                                                        max_model_length=2048, sync_timeout=42.0))
-    eng = make_engine(cfg, model(), tokenizer(), object(), SAMPLING)
+    eng = make_engine(cfg, model(), tokenizer(), object(), SAMPLING, seed=11)
     gen = fake_trl.instances[-1]
+    assert gen.kwargs["generation_kwargs"] == {"seed": 11}  # evaluation seeds every request alike
     assert isinstance(eng, VLLMEngine) and eng.name == "vllm" and eng.sync_timeout == 42.0
     assert (gen.kwargs["mode"], gen.kwargs["server_base_url"], gen.kwargs["server_timeout"],
             gen.kwargs["gpu_memory_utilization"], gen.kwargs["max_model_length"]) == (
@@ -303,3 +310,47 @@ def test_the_engines_share_one_interface():
     for cls in (rollout.HFEngine, rollout.VLLMEngine):
         assert all(callable(getattr(cls, name)) for name in ("generate", "sync", "close"))
     assert {rollout.HFEngine.name, rollout.VLLMEngine.name} == {"hf", "vllm"}
+
+
+# ---- what a colocated engine is built from ------------------------------------------------------------------------
+
+def test_the_engine_folder_holds_the_policys_config_without_weights_or_gguf_quantization(tmp_path, tiny_tokenizer):
+    import json
+
+    from align.config import LoraConfig, ModelConfig
+    from align.models import load_causal_lm
+
+    policy = load_causal_lm(ModelConfig(name_or_path="recipes/tiny/model", init="random"),
+                            LoraConfig(enabled=True, r=4, alpha=8), seed=0)  # peft-wrapped: the base's config
+    policy.get_base_model().config.quantization_config = {"quant_method": "gguf"}  # as a GGUF conversion leaves
+    rollout.write_engine_folder(policy, tiny_tokenizer, str(tmp_path), "float32")
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float32"
+    assert config["architectures"] == ["LlamaForCausalLM"]  # built from a config: none recorded, vLLM needs one
+    assert config["head_dim"] == 32 and config["vocab_size"] == len(tiny_tokenizer)
+    assert not list(tmp_path.glob("*.safetensors")) and not (tmp_path / "generation_config.json").exists()
+    assert (tmp_path / "tokenizer.json").is_file()
+
+
+def test_the_engine_computes_in_the_policys_dtype():
+    net = torch.nn.Linear(2, 2).to(torch.bfloat16)
+    assert rollout.engine_dtype(net, SimpleNamespace(mixed_precision="no")) == "bfloat16"
+    assert rollout.engine_dtype(torch.nn.Linear(2, 2), SimpleNamespace(mixed_precision="no")) == "float32"
+    assert rollout.engine_dtype(torch.nn.Linear(2, 2), SimpleNamespace(mixed_precision="bf16")) == "bfloat16"
+    assert rollout.engine_dtype(torch.nn.Linear(2, 2), object()) == "float32"
+
+
+def test_building_llm_adds_the_settings_to_trls_llm_call_and_puts_it_back(monkeypatch):
+    import trl.generation.vllm_generation as vg
+
+    calls = []
+    monkeypatch.setattr(vg, "LLM", lambda **kwargs: calls.append(kwargs), raising=False)
+    real = vg.LLM
+    with rollout.building_llm({"model": "/engine-folder", "dtype": "float32", "load_format": "dummy"}, None):
+        vg.LLM(model="policy/name_or_path", seed=0, max_model_len=512)
+    assert calls == [{"model": "/engine-folder", "seed": 0, "max_model_len": 512, "dtype": "float32",
+                      "load_format": "dummy"}]
+    assert vg.LLM is real
+    with pytest.raises(RuntimeError, match="engine failed"), rollout.building_llm({"dtype": "float32"}, None):
+        raise RuntimeError("engine failed")
+    assert vg.LLM is real  # restored after an error too
