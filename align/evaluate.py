@@ -198,12 +198,16 @@ def load_prompts(cfg: EvalConfig, tokenizer) -> tuple[list[Prompt], dict]:
 
 def sample_and_score(model, tokenizer, prompts: list[Prompt], reward, cfg: EvalConfig, accelerator) -> Samples:
     """Responses of `model` (this process's prompts), drawn after seeding with cfg.seed: two policies sampled with
-    the same settings consume the same random stream batch by batch. Training's RNG state is left untouched."""
+    the same settings consume the same random stream (hf: batch by batch; vllm: prompt by prompt). Training's RNG
+    state is left untouched."""
     sampling = rollout.Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, 0)
-    engine = rollout.HFEngine(model, tokenizer, cfg.generation_batch_size)
-    with accelerator.autocast():
-        ro = rollout.generate_seeded(engine, [p.ids for p in prompts], sampling, cfg.seed + accelerator.process_index,
-                                     accelerator.device)
+    seed = cfg.seed + accelerator.process_index
+    engine = rollout.make_engine(cfg, model, tokenizer, accelerator, sampling, seed=seed)
+    try:
+        with accelerator.autocast():
+            ro = rollout.generate_seeded(engine, [p.ids for p in prompts], sampling, seed, accelerator.device)
+    finally:
+        engine.close()  # a vLLM engine's memory goes back before the next policy's is built
     texts = decode(tokenizer, ro)
     return Samples(ro, texts, score(reward, prompts, texts))
 
@@ -333,7 +337,7 @@ def main(cfg: EvalConfig, baseline_cache: Optional[dict] = None, accelerator=Non
     summary.update({"policy": cfg.policy, "baseline": cfg.baseline,
                     "judge": cfg.reward.model or f"rule:{cfg.reward.rule}", "data": data_report,
                     "sampling": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-                                 "top_p": cfg.top_p, "seed": cfg.seed}})
+                                 "top_p": cfg.top_p, "seed": cfg.seed, "engine": cfg.engine}})
     if cfg.output_dir and accelerator.is_main_process:
         out = Path(cfg.output_dir)
         summary["output_dir"] = cfg.output_dir
@@ -411,7 +415,7 @@ def parse_args(argv: list[str]) -> EvalConfig:
     ap.add_argument("--overwrite", action="store_true", help="replace the evaluation an --out folder already holds")
     defaults = EvalConfig()
     for name in ("max_new_tokens", "temperature", "top_p", "seed", "max_prompt_length", "tie_margin",
-                 "generation_batch_size", "micro_batch_size"):
+                 "generation_batch_size", "micro_batch_size", "engine"):
         value = getattr(defaults, name)
         ap.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = ap.parse_args(argv)
@@ -421,7 +425,7 @@ def parse_args(argv: list[str]) -> EvalConfig:
         raise ConfigError(f"--rule-args: not JSON ({err.msg})") from None
     overrides = {name: getattr(args, name) for name in ("max_new_tokens", "temperature", "top_p", "seed",
                                                         "max_prompt_length", "tie_margin", "generation_batch_size",
-                                                        "micro_batch_size")}
+                                                        "micro_batch_size", "engine")}
     layer = {
         "policy": args.policy, "baseline": args.baseline, "output_dir": args.out, "overwrite": args.overwrite,
         "reward": {"model": args.reward_model, "rule": args.rule, "rule_args": rule_args},
