@@ -299,22 +299,31 @@ class VLLMEngine:
             del self.generator.llm
             core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
             if core is not None and hasattr(core, "shutdown"):
-                core.shutdown()
+                # vLLM's shutdown ends with destroying the default process group. Under a launcher that group is
+                # the training's (vLLM joined it), and the run's next barrier would fail: it is kept then.
+                with contextlib.nullcontext() if self._owns_process_group else keeping_default_process_group():
+                    core.shutdown()
             del llm, core
-            try:
-                from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
-
-                destroy_model_parallel()
-                if self._owns_process_group:  # vLLM made the default group; a launcher's stays for training
-                    destroy_distributed_environment()
-            except ImportError:  # a fake generator in the unit tests, without vllm installed
-                pass
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         if self._folder is not None:
             self._folder.cleanup()
             self._folder = None
+
+
+@contextlib.contextmanager
+def keeping_default_process_group():
+    """Within: destroying the default process group (torch.distributed.destroy_process_group() without a group)
+    does nothing; vLLM's own groups are destroyed as usual."""
+    import torch.distributed as dist
+
+    destroy = dist.destroy_process_group
+    dist.destroy_process_group = lambda group=None: None if group is None else destroy(group)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = destroy
 
 
 def engine_dtype(model, accelerator) -> str:

@@ -354,3 +354,20 @@ def test_building_llm_adds_the_settings_to_trls_llm_call_and_puts_it_back(monkey
     with pytest.raises(RuntimeError, match="engine failed"), rollout.building_llm({"dtype": "float32"}, None):
         raise RuntimeError("engine failed")
     assert vg.LLM is real  # restored after an error too
+
+
+def test_closing_under_a_launcher_keeps_the_default_process_group(monkeypatch):
+    """vLLM's shutdown destroys the default group; under a launcher that group is the training's: it is kept, and
+    vLLM's own groups still go."""
+    import torch.distributed as dist
+
+    destroyed = []
+    monkeypatch.setattr(dist, "destroy_process_group", lambda group=None: destroyed.append(group))
+    own = object()  # one of vLLM's groups
+    with rollout.keeping_default_process_group():
+        dist.destroy_process_group(own)
+        dist.destroy_process_group()  # the default group: kept
+        dist.destroy_process_group(None)
+    assert destroyed == [own]
+    dist.destroy_process_group()
+    assert destroyed == [own, None]  # outside, destroying works as before

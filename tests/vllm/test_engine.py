@@ -147,6 +147,25 @@ def test_ppo_with_the_vllm_engine_runs_and_its_rollouts_match_the_policy(tmp_pat
         assert moved > 1e-4, moved
 
 
+@pytest.mark.slow
+def test_ppo_under_two_processes_each_with_its_own_engine(tmp_path):
+    """accelerate launch, two CPU processes (gloo): each holds a colocated engine that joins the launcher's group;
+    every iteration of both samples from the weights being trained, and closing the engines leaves the training's
+    process group working (the run's last barrier, in run.finish, needs it)."""
+    out = tmp_path / "ppo"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", "29671", "-m", "align.ppo", "recipes/tiny/ppo.yaml", f"output_dir={out}",
+           "rollout.engine=vllm", "rollout.vllm.max_model_length=512", "train.max_steps=2",
+           "train.micro_batch_size=4", "eval_samples=8", "log.progress=false"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=child_env(tmp_path), capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}"
+    report = json.loads((out / "report.json").read_text())
+    assert report["engine"] == "vllm" and report["iterations"] == 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    diffs = [r["rollout/logprob_diff"] for r in rows if "rollout/logprob_diff" in r]
+    assert len(diffs) == 2 and all(d < SYNCED for d in diffs), diffs  # averaged over both processes' rollouts
+
+
 # ---- a colocated engine in this process ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
