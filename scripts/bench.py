@@ -2,8 +2,9 @@
 
     python scripts/bench.py sft [--steps 30] [--rounds 2] [--out bench]
     python scripts/bench.py rm | dpo
-    python scripts/bench.py ppo [--steps 6] [--batch 8] [--max-new-tokens 32] [--ppo-epochs 2]
-    python scripts/bench.py all
+    python scripts/bench.py ppo [--steps 6] [--batch 8] [--max-new-tokens 32] [--ppo-epochs 2] [--engine hf|vllm]
+    python scripts/bench.py rollout [--steps 4] [--batch 8] [--max-new-tokens 64]
+    python scripts/bench.py all            # sft, rm, dpo, ppo (rollout needs vLLM: run it by name)
 
 Each stage's benchmark runs both sides in turn, interleaved over `--rounds` (align, TRL, align, TRL...; two
 training processes at once would halve each other's speed), on identical examples in an identical order from
@@ -19,7 +20,14 @@ ppo runs align.ppo (hf generate, a critic, a frozen reference) against TRL's RLO
 trainer; RLOO is its nearest on-policy peer) on the same model, prompts, reward rule (`length`), prompts per
 iteration, response length limit and passes per batch. RLOO samples at least two responses per prompt and has no
 critic, so the two do different work per prompt: throughput is generated responses (prompt-response samples) per
-second, and the table splits each side's iteration into rollout, scoring, log-prob forwards and update.
+second, and the table splits each side's iteration into rollout, scoring, log-prob forwards and update. With
+--engine vllm align's rollouts come from a colocated vLLM engine; TRL's side keeps transformers generate (its own
+vLLM weight push fails on a CPU: see align/rollout.py CPUWeightPacking).
+
+rollout compares align's two rollout engines, not align with TRL: hf (transformers generate) and vllm (colocated),
+on SmolLM2-135M-Instruct's real weights, the same chat-rendered GSM8K prompts and sampling settings, interleaved
+over --rounds after one warm-up call each. The ratio is vllm's samples (responses) per second over hf's; the
+engine's start-up is reported apart (it is paid once per run).
 """
 
 from __future__ import annotations
@@ -505,7 +513,7 @@ def bench_dpo(args, peak: float) -> dict:
     runs = {"align": [], "align_cached": [], "trl": []}
     for r in range(args.rounds):
         cache = work / f"cache-{r}"  # empty: the first align run is cold, the second finds the cache warm
-        for side in ("align", "align_cached", "trl"):
+        for side in ("align", "align_cached", "trl", "hf", "vllm"):
             print(f"[bench] dpo round {r + 1}/{args.rounds}: {side}", flush=True)
             if side == "trl":
                 res = _run_trl_dpo(work / "model", ordered, work / f"trl-{r}", steps, batch, lr)
@@ -570,23 +578,29 @@ def _ppo_prompts(tokenizer, count: int, max_length: int) -> list:
 
 
 def _run_align_ppo(model_dir: Path, data_file: Path, out: Path, iterations: int, batch: int, epochs: int,
-                   max_new_tokens: int, lr: float) -> dict:
+                   max_new_tokens: int, lr: float, engine: str = "hf") -> dict:
     from align import ppo
     from align.config import PPOConfig, load_config
 
     reset_accelerate()
+    launcher = {k: os.environ.get(k) for k in LAUNCHER_ENV}  # TRL sets these for a colocated vLLM engine
     cfg = load_config(PPOConfig, None, [
         f"output_dir={out}", "overwrite=true", f"model.name_or_path={model_dir}", f"data.train.path={data_file}",
         "data.max_prompt_length=100000", "reward.rule=length",
         *(f"reward.rule_args.{k}={v}" for k, v in PPO_RULE.items()),
-        "rollout.engine=hf", f"rollout.max_new_tokens={max_new_tokens}", f"rollout.generation_batch_size={batch}",
-        "rollout.temperature=1.0", "rollout.top_p=1.0", "rollout.top_k=0", f"ppo.ppo_epochs={epochs}",
+        f"rollout.engine={engine}", f"rollout.max_new_tokens={max_new_tokens}",
+        f"rollout.generation_batch_size={batch}", "rollout.temperature=1.0", "rollout.top_p=1.0", "rollout.top_k=0",
+        f"ppo.ppo_epochs={epochs}",
         f"ppo.mini_batch_size={batch}", f"ppo.kl_coef={PPO_BETA}", "critic.init=policy", "lora.enabled=false",
         f"train.batch_size={batch}", f"train.micro_batch_size={batch}", f"train.max_steps={iterations}",
         f"train.learning_rate={lr}", "train.scheduler=constant", "train.precision=fp32", "eval_samples=0",
         "log.every=1", "log.report_to=[]", "log.progress=false", "save_merged=false",
     ])
-    report = ppo.main(cfg)
+    try:
+        report = ppo.main(cfg)
+    finally:  # ...and TRL's trainer, next in this process, must not take them for a launcher's
+        for key, value in launcher.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
     rows = [json.loads(line) for line in open(out / "metrics.jsonl") if "perf/samples_per_s" in line]
     if len(rows) != iterations or any(r["ppo/updates"] != epochs for r in rows):  # no early stop: target_kl is off
         raise RuntimeError(f"bench ppo: align ran {[r['ppo/updates'] for r in rows]} optimizer steps per iteration; "
@@ -596,7 +610,8 @@ def _run_align_ppo(model_dir: Path, data_file: Path, out: Path, iterations: int,
             "rollout_s": [r["perf/rollout_s"] for r in rows], "score_s": [r["perf/score_s"] for r in rows],
             "forward_s": [r["perf/forward_s"] for r in rows], "update_s": [r["perf/update_s"] for r in rows],
             "response_tokens": [r["perf/rollout_tokens_per_s"] * r["perf/rollout_s"] for r in rows],
-            "reward": [r["reward/score"] for r in rows], "report_seconds": report["seconds"]}
+            "reward": [r["reward/score"] for r in rows], "report_seconds": report["seconds"],
+            "logprob_diff": [r.get("rollout/logprob_diff") for r in rows]}
 
 
 def _run_trl_rloo(model_dir: Path, prompts: list, out: Path, iterations: int, batch: int, epochs: int,
@@ -700,7 +715,7 @@ def bench_ppo(args, peak: float) -> dict:
             print(f"[bench] ppo round {r + 1}/{args.rounds}: {side}", flush=True)
             if side == "align":
                 res = _run_align_ppo(work / "model", data_file, work / f"align-{r}", iterations, batch, epochs,
-                                     new_tokens, lr)
+                                     new_tokens, lr, args.engine)
             else:
                 res = _run_trl_rloo(work / "model", ordered, work / f"trl-{r}", iterations, batch, epochs,
                                     new_tokens, lr)
@@ -717,7 +732,7 @@ def bench_ppo(args, peak: float) -> dict:
                 "flops_per_s": flops / seconds, "time_split": split,
                 "iteration_s": statistics.median(res["iteration_s"][skip:]),
                 "reward_first": res["reward"][0], "reward_last": res["reward"][-1],
-                "seconds": res.get("report_seconds")})
+                "seconds": res.get("report_seconds"), "logprob_diff": res.get("logprob_diff")})
 
     def summary(side: str) -> dict:
         rounds = runs[side]
@@ -733,14 +748,17 @@ def bench_ppo(args, peak: float) -> dict:
 
     ours, theirs = summary("align"), summary("trl")
     ours["report_seconds"] = runs["align"][0]["seconds"]
+    ours["logprob_diff"] = runs["align"][0]["logprob_diff"]
     return {
-        "stage": "ppo", "ratio": ours["items_per_s"] / theirs["items_per_s"], "unit": "samples/s", "engine": "hf",
+        "stage": "ppo", "ratio": ours["items_per_s"] / theirs["items_per_s"], "unit": "samples/s",
+        "engine": args.engine,
         "align": ours, "trl": theirs, "peak_gflops": peak,
         "model": {"params": n_total, "matmul_params": n_body + n_head, "head_params": n_head, "layers": 8,
                   "hidden": 256, "vocab": len(tokenizer)},
         "work": {"iterations": iterations, "prompts_per_iteration": batch, "max_new_tokens": new_tokens,
                  "passes_per_batch": epochs, "optimizer_steps_per_iteration": epochs, "learning_rate": lr,
-                 "kl_coef": PPO_BETA, "reward": f"length {PPO_RULE}", "engine": "hf (transformers generate)",
+                 "kl_coef": PPO_BETA, "reward": f"length {PPO_RULE}",
+                 "engine": {"align": args.engine, "trl": "hf (transformers generate)"},
                  "prompt_tokens": sum(prompt_tokens), "data": "data/gsm8k_400.jsonl questions (chat template)",
                  "rounds": args.rounds,
                  "mismatch": "align: PPO, 1 response per prompt, a critic (value model) trained alongside the policy "
@@ -749,9 +767,79 @@ def bench_ppo(args, peak: float) -> dict:
     }
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Rollout engines: hf generate against colocated vLLM
+
+
+def bench_rollout(args, peak: float) -> dict:
+    from accelerate import Accelerator
+
+    from align import data, models, rollout
+    from align.config import LoraConfig, ModelConfig
+
+    tokenizer = models.load_tokenizer(ModelConfig(name_or_path=SMOLLM2))
+    policy = models.load_causal_lm(ModelConfig(name_or_path=SMOLLM2, dtype="float32"), LoraConfig(), seed=0).eval()
+    count = args.batch * (args.steps or 4)
+    picked = _ppo_prompts(tokenizer, count, args.max_length)
+    prompts = [data.prompt_ids(tokenizer, example.prompt) for _, example, _ in picked]
+    sampling = rollout.Sampling(max_new_tokens=args.max_new_tokens, temperature=1.0)
+    reset_accelerate()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    hf = rollout.HFEngine(policy.to(accelerator.device), tokenizer, generation_batch_size=64)  # align.ppo's default
+    start = time.perf_counter()
+    vllm = rollout.VLLMEngine(policy, tokenizer, accelerator, sampling, max_model_length=1024, cpu_kv_cache_gib=2,
+                              gpu_memory_utilization=0.3)
+    startup = time.perf_counter() - start
+    try:
+        for engine in (hf, vllm):  # the first call of each allocates and picks kernels: not timed
+            engine.generate(prompts[: args.batch], sampling)
+        runs = {"hf": [], "vllm": []}
+        for r in range(args.rounds):
+            for name, engine in (("hf", hf), ("vllm", vllm)):
+                print(f"[bench] rollout round {r + 1}/{args.rounds}: {name}", flush=True)
+                ro = engine.generate(prompts, sampling)
+                runs[name].append({"samples_per_s": len(ro) / ro.seconds,
+                                   "tokens_per_s": ro.num_response_tokens / ro.seconds,
+                                   "response_length": ro.num_response_tokens / len(ro), "seconds": ro.seconds})
+    finally:
+        vllm.close()
+
+    def summary(name: str) -> dict:
+        rounds = runs[name]
+        return {"items_per_s": statistics.median(x["samples_per_s"] for x in rounds),
+                "tokens_per_s": statistics.median(x["tokens_per_s"] for x in rounds),
+                "response_length": statistics.median(x["response_length"] for x in rounds),
+                "rounds": [x["samples_per_s"] for x in rounds]}
+
+    hf_side, vllm_side = summary("hf"), summary("vllm")
+    return {"stage": "rollout", "ratio": vllm_side["items_per_s"] / hf_side["items_per_s"],
+            "tokens_ratio": vllm_side["tokens_per_s"] / hf_side["tokens_per_s"], "unit": "samples/s",
+            "vllm_startup_s": startup, "hf": hf_side, "vllm": vllm_side, "peak_gflops": peak,
+            "device": str(accelerator.device), "torch_threads": torch.get_num_threads(),
+            "work": {"model": "SmolLM2-135M-Instruct (float32)", "prompts": len(prompts),
+                     "max_new_tokens": args.max_new_tokens, "temperature": 1.0, "rounds": args.rounds,
+                     "data": "data/gsm8k_400.jsonl questions (chat template)"}}
+
+
+def print_rollout_table(result: dict) -> None:
+    w = result["work"]
+    print(f"\nrollout: {w['model']}, {w['prompts']} prompts, up to {w['max_new_tokens']} new tokens, temperature "
+          f"{w['temperature']}, on {result['device']} ({result['torch_threads']} threads)")
+    print(f"{'engine':<8}{'samples/s':>11}{'tokens/s':>10}{'mean length':>13}   rounds")
+    for name in ("hf", "vllm"):
+        side = result[name]
+        rounds = ", ".join(f"{x:.2f}" for x in side["rounds"])
+        print(f"{name:<8}{side['items_per_s']:>11.2f}{side['tokens_per_s']:>10.1f}{side['response_length']:>13.1f}"
+              f"   {rounds}")
+    print(f"ratio vllm/hf: {result['ratio']:.2f}x samples/s, {result['tokens_ratio']:.2f}x tokens/s; vLLM start-up "
+          f"{result['vllm_startup_s']:.1f} s (once per run)")
+
+
 def print_table(result: dict) -> None:
     if result["stage"] == "ppo":
         return print_ppo_table(result)
+    if result["stage"] == "rollout":
+        return print_rollout_table(result)
     a, t = result["align"], result["trl"]
     unit = result.get("unit", "tokens/s")
     key = "items_per_s" if "unit" in result else "tokens_per_s"
@@ -789,12 +877,18 @@ def print_ppo_table(result: dict) -> None:
         rounds = ", ".join(f"{x:.2f}" for x in side["rounds"])
         print(f"{name:<8}{side['items_per_s']:>10.2f}{side['rollout_tokens_per_s']:>15.1f}{side['mfu'] * 100:>6.1f}%"
               f"{split}{side['reward_first']:>14.4f}{side['reward_last']:>13.4f}   {rounds}")
-    print(f"ratio align/trl (responses per second): {result['ratio']:.2f}x")
+    print(f"ratio align/trl (responses per second): {result['ratio']:.2f}x; align's rollout engine: "
+          f"{result['engine']}")
+    if result["align"].get("logprob_diff") and result["engine"] == "vllm":
+        print("align's rollout/logprob_diff per iteration (engine vs policy): "
+              + ", ".join(f"{d:.1e}" for d in result["align"]["logprob_diff"]))
     print(f"align samples 1 response per prompt and trains a critic; TRL's RLOO samples "
           f"{result['trl']['samples_per_iteration'] // w['prompts_per_iteration']} per prompt and has no critic")
 
 
-BENCHES = {"sft": bench_sft, "rm": bench_rm, "dpo": bench_dpo, "ppo": bench_ppo}
+BENCHES = {"sft": bench_sft, "rm": bench_rm, "dpo": bench_dpo, "ppo": bench_ppo, "rollout": bench_rollout}
+ALL = ("sft", "rm", "dpo", "ppo")  # `all`: the comparisons with TRL
+LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def main() -> None:
@@ -806,6 +900,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256, help="longest example in tokens; ppo: longest prompt")
     ap.add_argument("--max-new-tokens", type=int, default=32, help="ppo: response length limit, both sides")
     ap.add_argument("--ppo-epochs", type=int, default=2, help="ppo: optimizer passes over each rollout batch")
+    ap.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="ppo: align's rollout engine")
     ap.add_argument("--out", default=str(ROOT / "bench"))
     args = ap.parse_args()
 
@@ -815,7 +910,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     peak = matmul_peak_gflops()
     print(f"[bench] float32 matmul peak: {peak:.0f} GFLOP/s on {torch.get_num_threads()} threads", flush=True)
-    stages = list(BENCHES) if args.stage == "all" else [args.stage]
+    stages = list(ALL) if args.stage == "all" else [args.stage]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -831,7 +926,7 @@ def main() -> None:
 def headline(result: dict) -> dict:
     """The result's scalars plus each side's throughput and last loss: the benchmark's one-line summary."""
     line = {k: v for k, v in result.items() if not isinstance(v, dict)}
-    for side in ("align", "align_cached", "trl"):
+    for side in ("align", "align_cached", "trl", "hf", "vllm"):
         for key, value in result.get(side, {}).items():
             if key in ("tokens_per_s", "items_per_s", "loss_last", "mfu", "rollout_tokens_per_s", "time_split"):
                 line[f"{side}_{key}"] = value
