@@ -142,3 +142,13 @@ def test_evaluation_engine_is_hf_or_a_colocated_vllm():
         load_config(C.EvalConfig, layers=[{**base, "engine": "vllm", "vllm": {"mode": "server"}}], where="t")
     with pytest.raises(ConfigError, match="cpu_kv_cache_gib"):
         load_config(C.EvalConfig, layers=[{**base, "engine": "vllm", "vllm": {"cpu_kv_cache_gib": 0}}], where="t")
+
+
+def test_evaluate_command_line_takes_the_engine():
+    from align.evaluate import parse_args
+
+    flags = ["--policy", "p", "--baseline", "b", "--rule", "length", "--prompts", "x.jsonl"]
+    assert parse_args(flags).engine == "hf"
+    assert parse_args([*flags, "--engine", "vllm"]).engine == "vllm"
+    with pytest.raises(ConfigError, match="engine"):
+        parse_args([*flags, "--engine", "vlm"])
