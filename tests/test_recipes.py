@@ -18,8 +18,13 @@ def _ids(path: Path) -> str:
     return str(path.relative_to(ROOT / "recipes"))
 
 
+ACCELERATE = ROOT / "recipes" / "accelerate"
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=_ids)
 def test_recipe_loads_and_validates(path):
+    if path.parent == ACCELERATE:  # launch configs, not align recipes: test_accelerate_config_says_what_it_is_for
+        return
     if path.stem.startswith("pipeline"):  # the pipeline and, through it, each of its stages' layered configs
         from align.config import PipelineConfig
         from align.pipeline import plan
@@ -60,3 +65,27 @@ def test_gpu_pipeline_batches_split_over_the_processes_it_is_launched_with(proce
 
     path = ROOT / "recipes" / "smollm2-135m" / "pipeline_hh_gpu.yaml"
     plan(load_config(PipelineConfig, path), str(path), num_processes=processes)  # raises ConfigError otherwise
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp2", "zero3"])
+def test_accelerate_config_loads_with_accelerate_and_says_what_it_is_for(name):
+    """accelerate's own loader reads each launch config; the fields that decide how align trains are checked: the
+    kind of parallelism, FSDP version 2 with full (gathered) state dicts, ZeRO stage 3 gathering weights on save."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = ACCELERATE / f"{name}.yaml"
+    assert sorted(p.stem for p in ACCELERATE.glob("*.yaml")) == ["ddp", "fsdp2", "zero3"]
+    cfg = load_config_from_file(str(path))
+    assert cfg.use_cpu is False and cfg.num_machines == 1 and cfg.mixed_precision == "no"  # recipes set precision
+    expected = {"ddp": "MULTI_GPU", "fsdp2": "FSDP", "zero3": "DEEPSPEED"}[name]
+    assert cfg.distributed_type.value == expected
+    if name == "fsdp2":
+        assert str(cfg.fsdp_config["fsdp_version"]) == "2"
+        assert cfg.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+        assert cfg.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"  # one block at a time
+    if name == "zero3":
+        assert cfg.deepspeed_config["zero_stage"] == 3
+        assert cfg.deepspeed_config["zero3_save_16bit_model"] is True  # else get_state_dict cannot gather weights
+        assert cfg.deepspeed_config["zero3_init_flag"] is False  # align loads and copies models before prepare
+    header = path.read_text().split("compute_environment")[0]
+    assert f"accelerate launch --config_file recipes/accelerate/{name}.yaml" in header
