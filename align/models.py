@@ -423,6 +423,18 @@ def inner_model(model, state_dict: Optional[dict] = None) -> tuple:
     return model.hf, state_dict
 
 
+def _share_tied(model, state_dict: dict) -> dict:
+    """A gathered state dict holds each tied weight (lm_head and the embeddings) as its own copy; transformers
+    recognises ties by shared storage when it drops the duplicate, so the tied entries share one tensor again and
+    the folder holds the same tensors as an unsharded save."""
+    tied = {} if is_peft(model) else (getattr(model, "all_tied_weights_keys", None) or {})
+    state_dict = dict(state_dict)
+    for target, source in tied.items():
+        if target in state_dict and source in state_dict:
+            state_dict[target] = state_dict[source]
+    return state_dict
+
+
 def save(model, tokenizer, out: Path, base_location: Optional[str] = None, state_dict: Optional[dict] = None
          ) -> None:
     """Standard layout: a peft adapter folder (adapter_config + safetensors) or a full transformers folder, with
@@ -439,8 +451,8 @@ def save(model, tokenizer, out: Path, base_location: Optional[str] = None, state
     had_card = (out / "README.md").exists()
     if state_dict is None:
         model.save_pretrained(out)
-    else:  # peft picks the adapter's entries out of the whole state dict; transformers drops tied duplicates
-        model.save_pretrained(out, state_dict=state_dict)
+    else:  # peft picks the adapter's entries out of the whole state dict
+        model.save_pretrained(out, state_dict=_share_tied(model, state_dict))
     if is_peft(model) and not had_card:
         # peft writes an empty model card ("[More Information Needed]" in every field): none is better than that.
         (out / "README.md").unlink(missing_ok=True)

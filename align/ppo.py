@@ -356,6 +356,7 @@ def main(cfg: PPOConfig) -> dict:
     policy.train()
     critic.train()
     policy, critic, optimizer, critic_optimizer = accelerator.prepare(policy, critic, optimizer, critic_optimizer)
+    run.restore_sharded_optimizers(policy, optimizer, extra={"critic": (critic, critic_optimizer)})
     sampling = rollout.Sampling(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p,
                                 cfg.rollout.top_k)
     engine = rollout.make_engine(cfg.rollout, accelerator.unwrap_model(policy), tokenizer, accelerator, sampling)

@@ -18,7 +18,7 @@ import logging
 import torch
 
 from reward_models import metrics as rm_metrics
-from reward_models.model import RewardSettings, load_reward_model, reward_pad_token, save_reward_model
+from reward_models.model import RewardModel, RewardSettings, load_reward_model, reward_pad_token, save_reward_model
 
 from . import data, formats, losses, models, train
 from .config import RMConfig, run_cli
@@ -157,10 +157,14 @@ def main(cfg: RMConfig) -> dict:
             log.info("held-out pairwise accuracy: %s (95%% CI %s, %d pairs); chosen longer %s, shorter %s",
                      show(r["accuracy"]), ci, r["n"], _acc(r["length_bias"]["chosen_longer"]),
                      _acc(r["length_bias"]["chosen_shorter"]))
+    weights = train.full_state_dict(accelerator, model)  # sharded weights: every process gathers, the main one writes
     if accelerator.is_main_process:
         settings = RewardSettings(template, cfg.data.max_length, cfg.data.truncation)
+        net = accelerator.unwrap_model(model)
+        if weights is not None:  # this process holds a shard: save a whole copy built from the gathered weights
+            net = RewardModel(models.unsharded_copy(*models.inner_model(net, weights)))
         with train.atomic_dir(run.dir / "model") as tmp:
-            save_reward_model(accelerator.unwrap_model(model), tokenizer, settings, tmp)
+            save_reward_model(net, tokenizer, settings, tmp)
     run.finish(report)
     log.info("reward model saved to %s", run.dir / "model")
     return report

@@ -95,10 +95,41 @@ def resolve_precision(precision: str) -> str:
 def make_accelerator(train: TrainConfig, seed: int):
     accelerator = plain_accelerator(train.precision, seed)
     check_batch_split(train, accelerator.num_processes)
-    if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED") and (train.save_every or False):
-        raise ConfigError("train.save_every: mid-run checkpoints under FSDP/DeepSpeed are not supported yet; "
-                          "set train.save_every=0 (the final model is saved)")
+    if accelerator.distributed_type.value == "DEEPSPEED" and (train.save_every or False):
+        # A ZeRO optimizer's state lives in DeepSpeed's own partitions, which no torch API gathers into one file.
+        raise ConfigError("train.save_every: mid-run checkpoints under DeepSpeed are not supported (the final model "
+                          "is saved in full); set train.save_every=0, or use recipes/accelerate/fsdp2.yaml")
     return accelerator
+
+
+def sharded(accelerator) -> bool:
+    """Whether the processes hold only shards of the weights (FSDP, DeepSpeed): reading them whole is then a
+    collective that every process must join."""
+    return accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
+
+
+def full_state_dict(accelerator, model) -> Optional[dict]:
+    """The prepared model's whole weights gathered on the main process when they are sharded (accelerate's
+    get_state_dict: FSDP2's full state dict, ZeRO-3's 16-bit consolidation), for models.save/save_merged; None
+    when each process holds them whole (one process, DDP), and the unwrapped model is saved as it is. Every process
+    must call it."""
+    if not sharded(accelerator):
+        return None
+    state = accelerator.get_state_dict(model)
+    return state if accelerator.is_main_process else None
+
+
+def _optimizer_state(accelerator, model, optimizer) -> Optional[dict]:
+    """The optimizer's state for a checkpoint, on the main process. Under FSDP every process holds a shard of it:
+    torch gathers it into a full state dict keyed by parameter name (a collective), which a resume shards again
+    after `prepare` (Run.restore_sharded_optimizers)."""
+    if accelerator.distributed_type.value != "FSDP":
+        return optimizer.state_dict() if accelerator.is_main_process else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer),
+                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return state if accelerator.is_main_process else None
 
 
 def plain_accelerator(precision: str, seed: int):
@@ -110,6 +141,12 @@ def plain_accelerator(precision: str, seed: int):
     # (MULTI_CPU) instead of silently running each process alone.
     accelerator = Accelerator(mixed_precision=resolve_precision(precision), cpu=not torch.cuda.is_available())
     setup_logging(accelerator.is_main_process)
+    asked = [name for name in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{name}", "").lower() == "true"]
+    if asked and not sharded(accelerator):
+        # accelerate (1.15) shards only on GPUs and other accelerators: CPU processes silently run plain DDP.
+        log.warning("the accelerate config asks for %s, but accelerate runs these %s processes as %s: every "
+                    "process holds the whole model", asked[0], accelerator.device.type,
+                    accelerator.distributed_type.value)
     set_seed(seed)
     return accelerator
 
@@ -507,6 +544,7 @@ class Run:
         self._lock = FolderLock(self.dir)
         self._tb = self._wandb = None
         self._metrics_file = None
+        self._sharded_optimizer_states: dict[str, dict] = {}  # resumed under FSDP, loaded after prepare
         check_output_dir(self.dir)
         if not holds_files(self.dir):
             return
@@ -666,13 +704,19 @@ class Run:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         (tmp / f"rng-{acc.process_index}.json").write_text(json.dumps(rng_state()))
-        if self.is_main:
-            parts = {"": (model, optimizer, scheduler), **{f"{k}_": v for k, v in (extra or {}).items()}}
-            for prefix, (part_model, part_optimizer, part_scheduler) in parts.items():
+        parts = {"": (model, optimizer, scheduler), **{f"{k}_": v for k, v in (extra or {}).items()}}
+        for prefix, (part_model, part_optimizer, part_scheduler) in parts.items():
+            # Sharded weights and optimizer state are gathered by every process together, then written by the main
+            # one: the model in the same files and layout as an unsharded run's; under FSDP the optimizer's state is
+            # keyed by parameter name (torch's full optimizer state dict), so a resume needs the same launch config.
+            weights = full_state_dict(acc, part_model)
+            optimizer_state = _optimizer_state(acc, part_model, part_optimizer)
+            if self.is_main:
                 models.save(acc.unwrap_model(part_model), tokenizer, tmp / f"{prefix}model",
-                            base_location if prefix == "" else None)
-                torch.save(part_optimizer.state_dict(), tmp / f"{prefix}optimizer.pt")
+                            base_location if prefix == "" else None, state_dict=weights)
+                torch.save(optimizer_state, tmp / f"{prefix}optimizer.pt")
                 torch.save(part_scheduler.state_dict(), tmp / f"{prefix}scheduler.pt")
+        if self.is_main:
             (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, default=_jsonable))
         acc.wait_for_everyone()
         if self.is_main:
@@ -727,9 +771,16 @@ class Run:
         process's RNG. Nothing is unpickled: weights are safetensors, optimizer and schedule states are read with
         weights_only=True (tensors and plain containers only), the RNG state and `state` are JSON."""
         parts = {"": (model, optimizer, scheduler), **{f"{k}_": v for k, v in (extra or {}).items()}}
+        self._sharded_optimizer_states = {}  # none from a damaged checkpoint tried before this one
         for prefix, (part_model, part_optimizer, part_scheduler) in parts.items():
             models.load_trained_weights(part_model, path / f"{prefix}model")
-            part_optimizer.load_state_dict(_load_tensors(path / f"{prefix}optimizer.pt"))
+            optimizer_state = _load_tensors(path / f"{prefix}optimizer.pt")
+            if self.accelerator.distributed_type.value == "FSDP":
+                # `prepare` swaps the parameters for sharded ones and the optimizer's state would stay with the
+                # old ones: the full state is sharded onto the new parameters after it (restore_sharded_optimizers).
+                self._sharded_optimizer_states[prefix] = optimizer_state
+            else:
+                part_optimizer.load_state_dict(optimizer_state)
             part_scheduler.load_state_dict(_load_tensors(path / f"{prefix}scheduler.pt"))
         rank = self.accelerator.process_index
         rng_file, legacy = path / f"rng-{rank}.json", path / f"rng-{rank}.pt"
@@ -745,6 +796,19 @@ class Run:
             self._truncate_metrics_after(state["step"])
         log.info("resumed from %s (step %d)", path, state["step"])
         return state
+
+    def restore_sharded_optimizers(self, model, optimizer, extra: Optional[dict[str, tuple]] = None) -> None:
+        """After `accelerator.prepare` under FSDP: shard the resumed checkpoint's full optimizer states onto the
+        prepared (sharded) models' parameters; `extra` maps a part's name to its (model, optimizer). Nothing to do
+        otherwise: `resume` loaded them before `prepare`."""
+        parts = {"": (model, optimizer), **{f"{k}_": v for k, v in (extra or {}).items()}}
+        pending, self._sharded_optimizer_states = self._sharded_optimizer_states, {}
+        for prefix, state in pending.items():
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            part_model, part_optimizer = parts[prefix]
+            set_optimizer_state_dict(part_model, getattr(part_optimizer, "optimizer", part_optimizer), state,
+                                     options=StateDictOptions(full_state_dict=True))
 
     # -- the end ----------------------------------------------------------------------------------------------
     def finish(self, report: dict) -> None:
@@ -822,16 +886,17 @@ def save_policy(run: "Run", model, tokenizer, cfg: Any, base_location: Optional[
                 settings: Optional[Callable[[Path, bool], None]] = None) -> None:
     """The final policy in run.dir/model (adapter or full) and, with LoRA and cfg.save_merged, the merged model in
     run.dir/merged, each written atomically on the main process; `settings(folder, merged)` adds a stage's files."""
+    weights = full_state_dict(run.accelerator, model)  # sharded weights: every process gathers, the main one writes
     if not run.is_main:
         return
     net = run.accelerator.unwrap_model(model)
     with atomic_dir(run.dir / "model") as tmp:
-        models.save(net, tokenizer, tmp, base_location)
+        models.save(net, tokenizer, tmp, base_location, state_dict=weights)
         if settings is not None:
             settings(tmp, False)
     if cfg.lora.enabled and cfg.save_merged:
         with atomic_dir(run.dir / "merged") as tmp:
-            models.save_merged(net, tokenizer, tmp)
+            models.save_merged(net, tokenizer, tmp, state_dict=weights)
             if settings is not None:
                 settings(tmp, True)
         report["merged_model"] = str(run.dir / "merged")
@@ -868,6 +933,10 @@ def prepare(model, cfg: Any, accelerator, run: "Run", num_examples: int):
     state = run.resume(model, optimizer, scheduler)
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)  # the LR scheduler stays ours: one step per step
+    run.restore_sharded_optimizers(model, optimizer)
+    if sharded(accelerator):
+        log.info("weights sharded over %d processes (%s)", accelerator.num_processes,
+                 accelerator.distributed_type.value)
     log.info("%d steps of %d examples (%d per micro-batch, %d accumulation, %d processes), %.2f epochs",
              num_steps, cfg.train.batch_size, cfg.train.micro_batch_size,
              accumulation_steps(cfg.train, accelerator.num_processes), accelerator.num_processes,
