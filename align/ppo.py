@@ -211,6 +211,24 @@ def from_rows(rows: torch.Tensor, ids: Sequence[int], lengths: Sequence[int]) ->
     return torch.cat([rows[i, : lengths[i]] for i in ids])
 
 
+def whole_batch(ro: rollout.Rollout, lengths: list[int], rows: list[torch.Tensor], accelerator):
+    """The iteration's rollout and per-token rows of every process, on every process, in global order (process 0's
+    rows first, as data.shard dealt them). One process: as given."""
+    if accelerator.num_processes == 1:
+        return ro, lengths, rows
+    from accelerate.utils import gather_object
+
+    mine = [(ro.prompt_ids[i], ro.response_ids[i], [r[i, : lengths[i]].tolist() for r in rows]) for i in range(len(ro))]
+    everyone = gather_object(mine)
+    all_lengths = [len(response) for _, response, _ in everyone]
+    width = max(all_lengths)
+    whole = rollout.Rollout([p for p, _, _ in everyone], [r for _, r, _ in everyone], [], [], ro.policy_version)
+    device = rows[0].device
+    gathered = [to_rows(torch.tensor([x for _, _, parts in everyone for x in parts[k]], dtype=rows[k].dtype),
+                        all_lengths, width).to(device) for k in range(len(rows))]
+    return whole, all_lengths, gathered
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The KL controller and the reward normaliser (both saved in checkpoints)
 
@@ -269,14 +287,14 @@ def score(reward, prompts: Sequence[Prompt], texts: Sequence[str]) -> torch.Tens
 def evaluate(cfg: PPOConfig, policy, frozen_ref, engine, reward, prompts: list[Prompt], tokenizer, accelerator,
              sampling: rollout.Sampling) -> dict:
     """Mean reward, KL to the reference (summed k1 per response), response length and EOS rate on held-out prompts,
-    sampled with a fixed torch seed (with hf, the same random draws before and after training; vLLM keeps its own
-    generator). Training's RNG is left untouched."""
+    each sampled with its own fixed seed (with hf, the same random draws before and after training, under any number
+    of processes; vLLM keeps its own generator). Training's RNG is left untouched."""
     # Every prompt, dealt out over the processes (counts may differ by one; sums are reduced, nothing is dropped).
     mine = data.spread(prompts, accelerator.process_index, accelerator.num_processes)
+    positions = data.spread(range(len(prompts)), accelerator.process_index, accelerator.num_processes)
     sums = torch.zeros(5)
-    if mine:
-        ro = rollout.generate_seeded(engine, [p.ids for p in mine], sampling,
-                                     cfg.seed + 7919 + accelerator.process_index, accelerator.device)
+    if mine:  # each prompt drawn with its own seed: the same responses however the prompts are dealt out
+        ro = engine.generate([p.ids for p in mine], sampling, rollout.row_seeds(cfg.seed, "held-out", positions))
         scores = score(reward, mine, decode(tokenizer, ro))
         logps, ref_logps = policy_and_reference_logprobs(policy, frozen_ref, ro, cfg.train.micro_batch_size,
                                                          sampling.temperature, tokenizer.pad_token_id, accelerator)
@@ -385,11 +403,13 @@ def main(cfg: PPOConfig) -> dict:
     last = {}
     for step in range(start, num_steps):
         t0 = time.perf_counter()
-        ids = data.shard(sampler.indices(step), accelerator.process_index, accelerator.num_processes)
-        batch_prompts = [prompts[i] for i in ids]
+        positions = data.shard(range(cfg.train.batch_size), accelerator.process_index, accelerator.num_processes)
+        batch_prompts = [prompts[sampler.indices(step)[i]] for i in positions]
 
         # ---- 1 rollout: one response per prompt from the current policy -------------------------------------
-        ro = engine.generate([p.ids for p in batch_prompts], sampling)
+        # (hf: each row drawn with its own seed, so the same responses under any number of processes)
+        ro = engine.generate([p.ids for p in batch_prompts], sampling,
+                             rollout.row_seeds(cfg.seed, f"rollout/{step}", positions))
         if ro.policy_version != step:
             raise RuntimeError(f"iteration {step}: the rollout came from policy version {ro.policy_version}, not "
                                f"{step}: the engine's weights are stale")
@@ -424,26 +444,29 @@ def main(cfg: PPOConfig) -> dict:
         engine_logprobs = to_rows(torch.tensor([x for lp in ro.logprobs for x in lp]), lengths, width).to(device)
         logprob_diff = losses.masked_mean((engine_logprobs - old_logprobs).abs(), response_mask)
 
-        # ---- 4 KL-shaped per-token rewards, GAE, whitening ---------------------------------------------------
+        # ---- 4 KL-shaped per-token rewards, GAE ----------------------------------------------------------------
         kl = losses.kl_penalty(old_logprobs, ref_logprobs, pc.kl_estimator) * response_mask
         rewards = losses.shaped_rewards(scores, kl, response_mask, kl_ctl.coef)
         advantages, returns = losses.gae(rewards, values, response_mask, pc.gamma, pc.lam)
-        if pc.whiten_advantages:
-            sums = accelerator.reduce(torch.stack([(advantages * response_mask).sum(), response_mask.sum(),
-                                                   (advantages ** 2 * response_mask).sum()]), "sum")
-            mean = sums[0] / sums[1]
-            var = (sums[2] / sums[1] - mean ** 2) * sums[1] / (sums[1] - 1).clamp(min=1)
-            advantages = losses.whiten(advantages, response_mask, stats=(mean, var))
         t3 = time.perf_counter()
 
         # ---- 5 PPO epochs of minibatch updates on policy and critic ----------------------------------------
+        # Every process holds the whole iteration's rows, and a minibatch is a seeded global choice of rows of
+        # which each process takes its share: the same minibatches under any number of processes.
+        every, every_lengths, (every_old, every_adv, every_values, every_returns) = whole_batch(
+            ro, lengths, [old_logprobs, advantages, values, returns], accelerator)
+        every_mask = to_rows(torch.ones(sum(every_lengths)), every_lengths, every_values.shape[1]).to(device)
+        explained = losses.explained_variance(every_values, every_returns, every_mask)  # of the whole batch
+        if pc.whiten_advantages:  # over the whole batch, computed alike on every process
+            every_adv = losses.whiten(every_adv, every_mask)
         update_sums, updates, stopped_early = torch.zeros(7, device=device), 0, False
-        for _ in range(pc.ppo_epochs):
-            order = torch.randperm(len(ro)).tolist()
-            for first in range(0, len(order), mini_local):
-                minibatch = order[first: first + mini_local]
-                tokens = accelerator.reduce(torch.tensor(float(sum(lengths[i] for i in minibatch)), device=device),
-                                            "sum")
+        for epoch in range(pc.ppo_epochs):
+            order = torch.randperm(len(every), generator=torch.Generator().manual_seed(
+                rollout.row_seeds(cfg.seed, f"order/{step}", [epoch])[0])).tolist()
+            for first in range(0, len(order), mini):
+                global_minibatch = order[first: first + mini]
+                minibatch = data.shard(global_minibatch, accelerator.process_index, accelerator.num_processes)
+                tokens = torch.tensor(float(sum(every_lengths[i] for i in global_minibatch)), device=device)
                 micro = data.chunks(minibatch, cfg.train.micro_batch_size)
                 step_sums = torch.zeros(7, device=device)
                 for k, mb in enumerate(micro):
@@ -452,17 +475,18 @@ def main(cfg: PPOConfig) -> dict:
                         sync.enter_context(accelerator.no_sync(policy))
                         sync.enter_context(accelerator.no_sync(critic))
                     with sync:
-                        seqs = sequences(ro, mb)
-                        mb_lengths = [lengths[i] for i in mb]
+                        seqs = sequences(every, mb)
+                        mb_lengths = [every_lengths[i] for i in mb]
                         with accelerator.autocast():
                             logps, entropy = response_logprobs(policy, seqs, sampling.temperature, pad, device,
                                                                entropy="grad" if pc.ent_coef else "metric")
                             new_values = response_values(critic, seqs, pad, device)
-                        old = from_rows(old_logprobs, mb, lengths)
-                        adv = from_rows(advantages, mb, lengths)
+                        old = from_rows(every_old, mb, every_lengths)
+                        adv = from_rows(every_adv, mb, every_lengths)
                         pg, pg_clipped = losses.ppo_policy_loss(logps, old, adv, pc.clip_eps)
-                        vf, vf_clipped = losses.ppo_value_loss(new_values, from_rows(values, mb, lengths),
-                                                               from_rows(returns, mb, lengths), pc.clip_eps_value)
+                        vf, vf_clipped = losses.ppo_value_loss(new_values, from_rows(every_values, mb, every_lengths),
+                                                               from_rows(every_returns, mb, every_lengths),
+                                                               pc.clip_eps_value)
                         # Token means over the whole minibatch (all micro-batches and processes); DDP averages
                         # gradients over processes, so each process's sum is scaled by their number.
                         scale = accelerator.num_processes / tokens
@@ -507,7 +531,7 @@ def main(cfg: PPOConfig) -> dict:
         glob = accelerator.reduce(torch.stack([
             raw_scores.sum(), scores.sum(), (rewards * response_mask).sum(), response_mask.sum(),
             ro.stopped.float().sum().to(device), logprob_diff * response_mask.sum(),
-            losses.explained_variance(values, returns, response_mask) * len(ro),
+            explained * len(ro),  # each process's share of the batch: the sum is the whole batch's value
             torch.tensor(float(ro.num_response_tokens), device=device)]), "sum")
         b = cfg.train.batch_size
         elapsed = time.perf_counter() - t0

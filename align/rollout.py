@@ -131,14 +131,20 @@ class HFEngine:
         )
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> Rollout:
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling,
+                 seeds: Optional[Sequence[int]] = None) -> Rollout:
+        """`seeds` (one per prompt): each response is drawn from its own seeded generator (SeededSampling), so it
+        does not depend on which prompts share its batch or its process. Without: torch's global RNG."""
         import time
 
         start = time.perf_counter()
         model = self.model
         was_training = model.training
         model.eval()
-        config = self._generation_config(sampling)
+        seeded = seeds is not None and sampling.temperature > 0
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        config = self._generation_config(Sampling(sampling.max_new_tokens, 0.0) if seeded else sampling)
         device = next(model.parameters()).device
         out_ids, out_logps, reasons = [], [], []
         try:
@@ -150,8 +156,12 @@ class HFEngine:
                 for row, p in enumerate(part):  # left padding: every prompt ends where generation starts
                     ids[row, width - len(p):] = torch.tensor(p)
                     mask[row, width - len(p):] = 1
+                extra = {}
+                if seeded:  # greedy decoding of Gumbel-perturbed, tempered and truncated logits: a seeded sample
+                    extra["logits_processor"] = seeded_sampling(
+                        sampling, seeds[first: first + self.generation_batch_size])
                 out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                     generation_config=config)
+                                     generation_config=config, **extra)
                 new = out.sequences[:, width:].cpu()
                 logits = torch.stack(out.logits, dim=1).float()  # [b, n, V]: the raw next-token logits
                 if sampling.temperature > 0:
@@ -174,6 +184,43 @@ class HFEngine:
 
     def close(self) -> None:
         pass
+
+
+class GumbelNoise:
+    """A logits processor: adds Gumbel(0, 1) noise to each row's scores from that row's own generator. The argmax of
+    the result is a draw from softmax(scores) (the Gumbel-max trick), and the draw depends on the row's seed and its
+    logits alone: not on the other rows of its batch, the batch size, or the process that samples it."""
+
+    def __init__(self, seeds: Sequence[int]):
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        tiny = torch.finfo(torch.float32).tiny
+        u = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.generators])
+        gumbel = -torch.log(-torch.log(u.clamp(tiny, 1 - 1e-7)))
+        return scores.float() + gumbel.to(scores.device)
+
+
+def seeded_sampling(sampling: Sampling, seeds: Sequence[int]):
+    """The processors of a seeded draw under greedy decoding: temperature, top-k, top-p (transformers' own
+    warpers, as sampling applies them), then GumbelNoise."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    processors = [TemperatureLogitsWarper(sampling.temperature)]
+    if sampling.top_k:
+        processors.append(TopKLogitsWarper(sampling.top_k))
+    if sampling.top_p < 1:
+        processors.append(TopPLogitsWarper(sampling.top_p))
+    return LogitsProcessorList([*processors, GumbelNoise(seeds)])
+
+
+def row_seeds(seed: int, key: str, positions: Sequence[int]) -> list[int]:
+    """A seed for each row `position` of a draw named `key` (e.g. "rollout/12": iteration 12's rollout): the same on
+    every process and in every run, whatever the split of rows over processes."""
+    import hashlib
+
+    return [int.from_bytes(hashlib.sha256(f"{seed}/{key}/{p}".encode()).digest()[:8], "little") >> 1
+            for p in positions]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -242,7 +289,10 @@ class VLLMEngine:
         self.sync(model)
         self.version = 0
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> Rollout:
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling,
+                 seeds: Optional[Sequence[int]] = None) -> Rollout:
+        """`seeds` are not used: TRL's VLLMGeneration sends every request the same sampling settings (seeded once,
+        when the engine is built), so vLLM's draws depend on how prompts are split over processes."""
         import time
 
         if sampling != self.sampling:

@@ -67,6 +67,42 @@ def test_hf_engine_logprobs_equal_teacher_forced_logprobs(tiny_tokenizer, temper
     assert (other - engine_logps).abs().mean() > 0.1
 
 
+def test_seeded_hf_sampling_depends_on_each_prompts_seed_alone_and_samples_the_tempered_softmax(tiny_tokenizer):
+    """With seeds, a prompt's response is the same whichever prompts share its batch (what makes PPO's rollouts
+    the same under one or two processes), different seeds give different responses, the engine's log-probs are
+    still the tempered softmax's, and the draws follow that distribution (Gumbel-max, checked by counting)."""
+    model = tiny_causal_lm(init_std=0.1, seed=1)
+    sampling = rollout.Sampling(max_new_tokens=10, temperature=0.8)
+    prompts = [tiny_tokenizer(t)["input_ids"] for t in ["Hello there", "A much longer prompt than the first one is",
+                                                        "x", "What is two plus two?"]]
+    seeds = rollout.row_seeds(7, "rollout/0", range(4))
+    assert seeds == rollout.row_seeds(7, "rollout/0", range(4)) and len(set(seeds)) == 4
+    together = rollout.HFEngine(model, tiny_tokenizer, generation_batch_size=4).generate(prompts, sampling, seeds)
+    torch.manual_seed(123)  # the global RNG plays no part
+    halves = rollout.HFEngine(model, tiny_tokenizer, generation_batch_size=2)
+    split = [halves.generate(prompts[:2], sampling, seeds[:2]), halves.generate(prompts[2:], sampling, seeds[2:])]
+    assert together.response_ids == split[0].response_ids + split[1].response_ids
+    again = rollout.HFEngine(model, tiny_tokenizer).generate(prompts[::-1], sampling, seeds[::-1])
+    assert again.response_ids == together.response_ids[::-1]
+    other = rollout.HFEngine(model, tiny_tokenizer).generate(prompts, sampling, rollout.row_seeds(8, "rollout/0",
+                                                                                                  range(4)))
+    assert other.response_ids != together.response_ids
+    logps, _ = ppo.response_logprobs(model, ppo.sequences(together, range(4)), 0.8, tiny_tokenizer.pad_token_id,
+                                     "cpu")
+    assert torch.allclose(logps, torch.tensor([x for lp in together.logprobs for x in lp]), atol=1e-4)
+
+    # the first token's frequencies over many seeds match softmax(logits / T) at the prompt
+    one = rollout.Sampling(max_new_tokens=1, temperature=0.8)
+    n = 3000
+    ro = rollout.HFEngine(model, tiny_tokenizer, generation_batch_size=n).generate(
+        [prompts[2]] * n, one, rollout.row_seeds(0, "freq", range(n)))
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([prompts[2]])).logits[0, -1] / 0.8, -1)
+    counts = torch.bincount(torch.tensor([r[0] for r in ro.response_ids]), minlength=len(probs)).float() / n
+    top = probs.topk(5).indices
+    assert (counts[top] - probs[top]).abs().max() < 4 * (probs[top] * (1 - probs[top]) / n).sqrt().max() + 1e-3
+
+
 def test_hf_engine_stops_at_eos_and_marks_finish_reasons(tiny_tokenizer):
     """A model pushed to emit EOS stops after one token ('stop', the stop token kept); without the push a random
     model runs to max_new_tokens ('length')."""
