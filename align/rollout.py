@@ -428,8 +428,8 @@ class CPUWeightPacking:
     ("'Parameter' object has no attribute 'weight_loader'"); and had the weight been kept, the packed copy the
     kernels read would still hold the old weights (measured: log-prob differences of 2.8 after a push, against 2e-6
     with a repack). So: the plain weights are kept while the engine loads, and after every push each Linear is
-    packed again from them. This keeps vLLM's fast kernels (plain `F.linear` everywhere was 2x slower) at the cost
-    of a second copy of the Linear weights in memory."""
+    packed again from them. This keeps vLLM's packed kernels (on SmolLM2-135M here, 89 tokens/s against 74 with
+    plain `F.linear` everywhere) at the cost of a second copy of the Linear weights in memory."""
 
     def __init__(self):
         from vllm.model_executor.layers import utils
