@@ -1,12 +1,15 @@
 """Rollout engines: sample responses from the policy, behind one interface.
 
     engine = make_engine(cfg.rollout, policy, tokenizer, accelerator)
-    rollout = engine.generate(prompt_ids, sampling)   # -> Rollout (token ids, sampling log-probs, finish reasons)
+    rollout = engine.generate(prompt_ids, sampling, seeds)  # -> Rollout (token ids, sampling log-probs, finish
+                                                            #    reasons); seeds: one per prompt, or None
     ...update the policy...
     engine.sync(policy)                               # the next rollout samples from the new weights
 
     hf     transformers' `generate`: left padding, KV cache, batches of `generation_batch_size` prompts. The
            engine holds the training model itself, so a sync only bumps the version. CPU and GPU; the default.
+           With seeds, each response is drawn from its own generator (GumbelNoise): the same response whatever
+           batch or process it is sampled in, which is what makes PPO's runs the same under any process count.
     vllm   TRL's `VLLMGeneration` (colocated in the training processes, or a `trl vllm-serve` server for
            multi-node). It holds its own copy of the weights: `sync` pushes the policy's (LoRA merged for the push
            and unmerged after, by TRL) and fails with an error after `sync_timeout` seconds instead of hanging.
