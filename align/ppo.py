@@ -404,7 +404,8 @@ def main(cfg: PPOConfig) -> dict:
     for step in range(start, num_steps):
         t0 = time.perf_counter()
         positions = data.shard(range(cfg.train.batch_size), accelerator.process_index, accelerator.num_processes)
-        batch_prompts = [prompts[sampler.indices(step)[i]] for i in positions]
+        chosen = sampler.indices(step)
+        batch_prompts = [prompts[chosen[i]] for i in positions]
 
         # ---- 1 rollout: one response per prompt from the current policy -------------------------------------
         # (hf: each row drawn with its own seed, so the same responses under any number of processes)

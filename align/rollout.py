@@ -382,10 +382,9 @@ def keeping_default_process_group():
 def engine_dtype(model, accelerator) -> str:
     """The dtype vLLM computes in: the policy's (bfloat16 under bf16 mixed precision), so that the engine's
     log-probs are the ones the policy computes."""
-    if getattr(accelerator, "mixed_precision", "no") == "bf16":
-        return "bfloat16"
-    if getattr(accelerator, "mixed_precision", "no") == "fp16":
-        return "float16"
+    mixed = {"bf16": "bfloat16", "fp16": "float16"}.get(getattr(accelerator, "mixed_precision", "no"))
+    if mixed:
+        return mixed
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     return str(dtype).removeprefix("torch.")
 

@@ -9,6 +9,7 @@ teacher-forced log-prob| of the sampled tokens. Both sides compute in float32 he
 Skipped without vllm (tests/conftest.py) unless ALIGN_TESTS_NEED_VLLM=1, as under `make test`.
 """
 
+import contextlib
 import copy
 import gc
 import json
@@ -88,20 +89,40 @@ def child_env(tmp_path) -> dict:
     return env
 
 
-@pytest.fixture
-def no_launcher_env(monkeypatch):
-    """TRL writes RANK, MASTER_PORT... into os.environ when it builds a colocated engine: set and unset through
-    monkeypatch so that they are removed again afterwards."""
-    for var in DIST_ENV:
-        monkeypatch.setenv(var, "")
-        monkeypatch.delenv(var)
+@contextlib.contextmanager
+def without_launcher(mp):
+    """No launcher variables and a fresh accelerate state, both put back afterwards. TRL writes RANK,
+    MASTER_PORT... into os.environ when it builds a colocated engine: each is set and unset through `mp` so that
+    it is removed again at the end."""
     from accelerate.state import AcceleratorState, PartialState
 
+    for var in DIST_ENV:
+        mp.setenv(var, "")
+        mp.delenv(var)
     AcceleratorState._reset_state(reset_partial_state=True)
     PartialState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    PartialState._reset_state()
+    try:
+        yield
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        PartialState._reset_state()
+
+
+@pytest.fixture
+def no_launcher_env(monkeypatch):
+    with without_launcher(monkeypatch):
+        yield
+
+
+def run_ppo(tmp_path, cmd: list[str]) -> tuple[dict, list[dict], list[float]]:
+    """Run an align.ppo command line in a fresh process; its report, metrics rows and logprob_diff per iteration."""
+    out = tmp_path / "ppo"
+    proc = subprocess.run(cmd + [f"output_dir={out}"], cwd=ROOT, env=child_env(tmp_path), capture_output=True,
+                          text=True, timeout=540)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    diffs = [r["rollout/logprob_diff"] for r in rows if "rollout/logprob_diff" in r]
+    return json.loads((out / "report.json").read_text()), rows, diffs
 
 
 @pytest.fixture(scope="module")
@@ -123,22 +144,17 @@ def test_ppo_with_the_vllm_engine_runs_and_its_rollouts_match_the_policy(tmp_pat
     from placeholders and the first push is all it has), full and LoRA."""
     from safetensors.torch import load_file
 
-    out = tmp_path / "ppo"
-    cmd = [sys.executable, "-m", "align.ppo", "recipes/tiny/ppo.yaml", f"output_dir={out}", f"lora.enabled={lora}",
-           "rollout.engine=vllm", "rollout.vllm.gpu_memory_utilization=0.2", "rollout.vllm.max_model_length=512",
-           "train.max_steps=3", "eval_samples=8", "log.progress=false", "seed=7"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=child_env(tmp_path), capture_output=True, text=True, timeout=540)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}"
-
-    report = json.loads((out / "report.json").read_text())
+    report, rows, diffs = run_ppo(tmp_path, [
+        sys.executable, "-m", "align.ppo", "recipes/tiny/ppo.yaml", f"lora.enabled={lora}", "rollout.engine=vllm",
+        "rollout.vllm.gpu_memory_utilization=0.2", "rollout.vllm.max_model_length=512", "train.max_steps=3",
+        "eval_samples=8", "log.progress=false", "seed=7"])
     assert report["engine"] == "vllm" and report["iterations"] == 3
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    diffs = [r["rollout/logprob_diff"] for r in rows if "rollout/logprob_diff" in r]
     # every iteration sampled from the weights it then trained (the loop also checks the policy version)
     assert len(diffs) == 3 and all(d < SYNCED for d in diffs), diffs
     assert all(r["ppo/updates"] > 0 for r in rows if "ppo/updates" in r)
     # ... and the weights did move, so the later syncs had something new to push
-    weights = load_file(out / "model" / ("adapter_model.safetensors" if lora == "true" else "model.safetensors"))
+    saved = "adapter_model.safetensors" if lora == "true" else "model.safetensors"
+    weights = load_file(tmp_path / "ppo" / "model" / saved)
     if lora == "true":
         assert max(t.abs().max().item() for k, t in weights.items() if "lora_B" in k) > 0  # B starts at zero
     else:  # against the weights init: random drew (seed 7)
@@ -152,17 +168,12 @@ def test_ppo_under_two_processes_each_with_its_own_engine(tmp_path):
     """accelerate launch, two CPU processes (gloo): each holds a colocated engine that joins the launcher's group;
     every iteration of both samples from the weights being trained, and closing the engines leaves the training's
     process group working (the run's last barrier, in run.finish, needs it)."""
-    out = tmp_path / "ppo"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", "29671", "-m", "align.ppo", "recipes/tiny/ppo.yaml", f"output_dir={out}",
-           "rollout.engine=vllm", "rollout.vllm.max_model_length=512", "train.max_steps=2",
-           "train.micro_batch_size=4", "eval_samples=8", "log.progress=false"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=child_env(tmp_path), capture_output=True, text=True, timeout=540)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}"
-    report = json.loads((out / "report.json").read_text())
+    report, _, diffs = run_ppo(tmp_path, [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--main_process_port", "29671", "-m", "align.ppo", "recipes/tiny/ppo.yaml", "rollout.engine=vllm",
+        "rollout.vllm.max_model_length=512", "train.max_steps=2", "train.micro_batch_size=4", "eval_samples=8",
+        "log.progress=false"])
     assert report["engine"] == "vllm" and report["iterations"] == 2
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    diffs = [r["rollout/logprob_diff"] for r in rows if "rollout/logprob_diff" in r]
     assert len(diffs) == 2 and all(d < SYNCED for d in diffs), diffs  # averaged over both processes' rollouts
 
 
@@ -173,14 +184,8 @@ def colocated(tiny_folder, tiny_tokenizer):
     """A colocated VLLMEngine on the tiny model, and the policy it was built from. Tests that push other weights
     push this policy back when they finish."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, PartialState
 
-    with pytest.MonkeyPatch.context() as mp:
-        for var in DIST_ENV:  # TRL sets these for vLLM; they are removed again afterwards
-            mp.setenv(var, "")
-            mp.delenv(var)
-        AcceleratorState._reset_state(reset_partial_state=True)
-        PartialState._reset_state()
+    with pytest.MonkeyPatch.context() as mp, without_launcher(mp):
         accelerator = Accelerator(cpu=DEVICE == "cpu")
         policy = load_policy(tiny_folder)
         engine = rollout.VLLMEngine(policy, tiny_tokenizer, accelerator, SAMPLING, **ENGINE)
@@ -190,8 +195,6 @@ def colocated(tiny_folder, tiny_tokenizer):
             engine.close()
             del engine
             gc.collect()
-            AcceleratorState._reset_state(reset_partial_state=True)
-            PartialState._reset_state()
 
 
 def test_colocated_vllm_samples_with_the_policys_logprobs(colocated, tiny_tokenizer):
