@@ -159,8 +159,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% more compute."""
     precision: str = "auto"
-    """auto | fp32 | bf16 | fp16: autocast precision. `auto` is bf16 on a GPU with fast bf16 and fp32 elsewhere
-    (on CPUs without bf16 instructions bf16 is ~30x slower)."""
+    """auto | fp32 | bf16 | fp16: autocast precision (weights, optimizer state and losses stay float32). `auto` is
+    bf16 where the hardware multiplies bf16 natively (a GPU of compute capability 8.0+; a CPU with AVX-512 BF16 or AMX,
+    confirmed by a cached matmul probe) and fp32 elsewhere (emulated bf16 ran ~30x slower end to end on an AVX2 CPU).
+    The run's report.json says what it used and why (align/precision.py)."""
     eval_every: int = 0
     """Evaluate on the validation split every this many steps (0: only at the start and the end)."""
     save_every: int = 0
@@ -765,7 +767,7 @@ class EvalConfig:
     tie_margin: float = 0.0
     """|reward difference| <= tie_margin is a tie (counts half a win)."""
     precision: str = "auto"
-    """auto | fp32 | bf16 | fp16: autocast precision of generation and scoring."""
+    """auto | fp32 | bf16 | fp16: autocast precision of generation and scoring (`auto`: as in train.precision)."""
 
     def _check(self, at: str) -> None:
         positive(f"{at}.max_prompt_length", self.max_prompt_length)

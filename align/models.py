@@ -240,7 +240,10 @@ def folder_attention(auto_cls, folder: str) -> str | None:
 
 
 def has_fast_bf16() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    """The hardware multiplies bf16 natively (what `precision: auto` picks bf16 on; see align/precision.py)."""
+    from .precision import auto_choice
+
+    return auto_choice().used == "bf16"
 
 
 def weight_dtype(cfg: ModelConfig, lora: LoraConfig) -> torch.dtype:

@@ -43,6 +43,7 @@ import torch
 
 from . import models
 from .config import AlignError, ConfigError, LogConfig, TrainConfig, to_yaml
+from .precision import resolve as resolve_precision
 
 log = logging.getLogger("align")
 
@@ -83,13 +84,6 @@ def setup_logging(is_main: bool) -> None:
         transformers.utils.logging.disable_progress_bar()
     except ImportError:
         pass
-
-
-def resolve_precision(precision: str) -> str:
-    """accelerate's mixed_precision for the recipe's `train.precision`."""
-    if precision == "auto":
-        return "bf16" if models.has_fast_bf16() else "no"
-    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
 
 
 def make_accelerator(train: TrainConfig, seed: int):
@@ -137,10 +131,12 @@ def plain_accelerator(precision: str, seed: int):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    choice = resolve_precision(precision)
     # cpu=True on a machine without CUDA makes accelerate join a torchrun/`accelerate launch` group over gloo
     # (MULTI_CPU) instead of silently running each process alone.
-    accelerator = Accelerator(mixed_precision=resolve_precision(precision), cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=choice.mixed_precision, cpu=not torch.cuda.is_available())
     setup_logging(accelerator.is_main_process)
+    log.info("precision: %s", choice.describe())
     asked = [name for name in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{name}", "").lower() == "true"]
     if asked and not sharded(accelerator):
         # accelerate (1.15) shards only on GPUs and other accelerators: CPU processes silently run plain DDP.
@@ -383,16 +379,28 @@ def run_identity(cfg: Any, stage: str) -> dict:
             "inputs": {path: content_digest(path) for path in input_files(cfg)}}
 
 
+PRECISION_KEY = "train.precision"
+
+
 def identity_mismatch(recorded: dict, current: dict) -> Optional[str]:
     """Why a run recorded as `recorded` is not the run `current` describes (None when it is)."""
     if recorded.get("stage") not in (None, current["stage"]):
         return f"it holds a run of stage {recorded['stage']}, not {current['stage']}"
     old, new = recorded.get("settings", {}), current["settings"]
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    # Precision is compared by what the run computes in: `auto` may pick another precision on other hardware, and an
+    # explicit setting that names what `auto` picked is the same run.
+    before = recorded.get("precision") if old.get(PRECISION_KEY) == "auto" else old.get(PRECISION_KEY)
+    after = current.get("precision") if new.get(PRECISION_KEY) == "auto" else new.get(PRECISION_KEY)
+    known = before is not None and after is not None  # run.json written before precision was recorded: not known
+    changed = sorted(k for k in old.keys() | new.keys()
+                     if old.get(k) != new.get(k) and not (k == PRECISION_KEY and known))
     if changed:
         shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed[:4])
         more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
         return f"its settings differ: {shown}{more}"
+    if known and before != after:
+        return (f"it computed in {before} and this run would compute in {after}, which would change the numbers "
+                f"mid-run; set {PRECISION_KEY}={before} to go on as it ran")
     old_inputs = recorded.get("inputs")
     if old_inputs is not None:
         edited = sorted(p for p in old_inputs.keys() & current["inputs"].keys()
@@ -540,7 +548,8 @@ class Run:
         self.dir = Path(cfg.output_dir)
         self.checkpoints = self.dir / "checkpoints"
         self.is_main = accelerator.is_main_process
-        self.identity = run_identity(cfg, stage)
+        self.precision = resolve_precision(cfg.train.precision)  # what plain_accelerator set up
+        self.identity = {**run_identity(cfg, stage), "precision": self.precision.used}
         self._lock = FolderLock(self.dir)
         self._tb = self._wandb = None
         self._metrics_file = None
@@ -559,6 +568,10 @@ class Run:
                 f"to start again"
             )
         problem = None if cfg.overwrite else identity_mismatch(recorded, self.identity)
+        if problem and problem.startswith("it computed in"):
+            raise ConfigError(f"output_dir={self.dir} cannot be resumed by this run: {problem} (here "
+                              f"{PRECISION_KEY}={cfg.train.precision} is {self.precision.describe()}), or pass "
+                              f"overwrite=true to start again")
         if problem:
             remedy = "" if problem.startswith("it holds a run of stage") else "restore them, "
             raise ConfigError(f"output_dir={self.dir} cannot be resumed by this run: {problem}; {remedy}pass "
@@ -812,6 +825,7 @@ class Run:
 
     # -- the end ----------------------------------------------------------------------------------------------
     def finish(self, report: dict) -> None:
+        report["precision"] = self.precision.as_dict()  # what it computed in, and why (auto's reason)
         if self.is_main:
             write_json_atomic(self.dir / "report.json", {"stage": self.stage, **report})
         self.close()
