@@ -209,7 +209,7 @@ def sample_and_score(model, tokenizer, prompts: list[Prompt], reward, cfg: EvalC
     finally:
         engine.close()  # a vLLM engine's memory goes back before the next policy's is built
     texts = decode(tokenizer, ro)
-    return Samples(ro, texts, score(reward, prompts, texts))
+    return Samples(ro, texts, score(reward, prompts, texts, accelerator))
 
 
 def sequence_kl(candidate, baseline, samples: Samples, cfg: EvalConfig, pad_id: int, accelerator) -> torch.Tensor:
@@ -336,6 +336,7 @@ def main(cfg: EvalConfig, baseline_cache: Optional[dict] = None, accelerator=Non
                         [r["candidate"] == r["baseline"] for r in rows])
     summary.update({"policy": cfg.policy, "baseline": cfg.baseline,
                     "judge": cfg.reward.model or f"rule:{cfg.reward.rule}", "data": data_report,
+                    "precision": train.resolve_precision(cfg.precision).as_dict(),
                     "sampling": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
                                  "top_p": cfg.top_p, "seed": cfg.seed, "engine": cfg.engine}})
     if cfg.output_dir and accelerator.is_main_process:

@@ -442,6 +442,16 @@ EVAL_HEADER = ("| policy | win rate [95% CI] | LC win rate [95% CI] | wins / tie
                "| --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
+def precision_lines(stages: list[Stage], reports: dict[str, dict], evals: dict[str, dict]) -> list[str]:
+    """What each stage and evaluation computed in, and why (their reports' `precision`), one line per decision."""
+    used: dict[str, list[str]] = {}
+    for name, report in [*((s.name, reports[s.name]) for s in stages), *((f"eval {n}", ev) for n, ev in evals.items())]:
+        p = report.get("precision")
+        if p:  # absent from reports written before precision was recorded
+            used.setdefault(f"{p['used']} ({'auto: ' if p['asked'] == 'auto' else ''}{p['reason']})", []).append(name)
+    return ["", *(f"Precision of {', '.join(names)}: {what}." for what, names in used.items())] if used else []
+
+
 def write_report(cfg: PipelineConfig, stages: list[Stage], reports: dict[str, dict], evals: dict[str, dict],
                  ledger: Ledger, overlap: list[str]) -> Path:
     root = Path(cfg.output_dir)
@@ -452,6 +462,7 @@ def write_report(cfg: PipelineConfig, stages: list[Stage], reports: dict[str, di
     for s in stages:
         seconds = ledger.get("stages", s.name).get("seconds")
         lines.append(f"| {s.name} | {stage_headline(s.name, reports[s.name])} | {_duration(seconds)} | `{s.folder}` |")
+    lines += precision_lines(stages, reports, evals)
     if evals:
         first = next(iter(evals.values()))
         sampling = first["sampling"]

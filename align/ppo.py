@@ -279,8 +279,10 @@ def decode(tokenizer, ro: rollout.Rollout) -> list[str]:
     return [tokenizer.decode(r, skip_special_tokens=True).strip() for r in ro.response_ids]
 
 
-def score(reward, prompts: Sequence[Prompt], texts: Sequence[str]) -> torch.Tensor:
-    return reward.score([p.messages for p in prompts], list(texts)).float()
+def score(reward, prompts: Sequence[Prompt], texts: Sequence[str], accelerator) -> torch.Tensor:
+    """[n] float32 rewards; a reward model scores under the run's autocast precision, like the policy."""
+    with accelerator.autocast():
+        return reward.score([p.messages for p in prompts], list(texts)).float()
 
 
 @torch.no_grad()
@@ -295,7 +297,7 @@ def evaluate(cfg: PPOConfig, policy, frozen_ref, engine, reward, prompts: list[P
     sums = torch.zeros(5)
     if mine:  # each prompt drawn with its own seed: the same responses however the prompts are dealt out
         ro = engine.generate([p.ids for p in mine], sampling, rollout.row_seeds(cfg.seed, "held-out", positions))
-        scores = score(reward, mine, decode(tokenizer, ro))
+        scores = score(reward, mine, decode(tokenizer, ro), accelerator)
         logps, ref_logps = policy_and_reference_logprobs(policy, frozen_ref, ro, cfg.train.micro_batch_size,
                                                          sampling.temperature, tokenizer.pad_token_id, accelerator)
         lengths = torch.tensor([len(r) for r in ro.response_ids])
@@ -420,7 +422,7 @@ def main(cfg: PPOConfig) -> dict:
         t1 = time.perf_counter()
 
         # ---- 2 score: the reward model (its own template and tokenizer) or a rule --------------------------
-        raw_scores = score(reward, batch_prompts, decode(tokenizer, ro)).to(device)
+        raw_scores = score(reward, batch_prompts, decode(tokenizer, ro), accelerator).to(device)
         train.stop_if_not_finite(run, step + 1, {"reward/score": accelerator.reduce(raw_scores.sum(), "sum").item()})
         scores = raw_scores.clone()
         if pc.missing_eos_penalty is not None:

@@ -111,8 +111,9 @@ def cut_at_stop(tokens: Sequence[int], stop_ids: Sequence[int]) -> tuple[list[in
 class HFEngine:
     name = "hf"
 
-    def __init__(self, model, tokenizer, generation_batch_size: int = 64):
+    def __init__(self, model, tokenizer, generation_batch_size: int = 64, autocast=contextlib.nullcontext):
         self.model = model  # the training model (unwrapped); it is also what generates
+        self.autocast = autocast  # the run's (accelerator.autocast): generation computes as the trainer's forwards do
         self.tokenizer = tokenizer
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
@@ -163,8 +164,9 @@ class HFEngine:
                 if seeded:  # greedy decoding of Gumbel-perturbed, tempered and truncated logits: a seeded sample
                     extra["logits_processor"] = seeded_sampling(
                         sampling, seeds[first: first + self.generation_batch_size])
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                     generation_config=config, **extra)
+                with self.autocast():
+                    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                         generation_config=config, **extra)
                 new = out.sequences[:, width:].cpu()
                 logits = torch.stack(out.logits, dim=1).float()  # [b, n, V]: the raw next-token logits
                 if sampling.temperature > 0:
@@ -471,7 +473,7 @@ def generate_seeded(engine, prompts: Sequence[Sequence[int]], sampling: Sampling
 def make_engine(cfg, model, tokenizer, accelerator, sampling: Sampling, seed: Optional[int] = None):
     """The engine a recipe's `rollout` section asks for (see config.RolloutConfig); `seed`: see VLLMEngine."""
     if cfg.engine == "hf":
-        return HFEngine(model, tokenizer, cfg.generation_batch_size)
+        return HFEngine(model, tokenizer, cfg.generation_batch_size, accelerator.autocast)
     v = cfg.vllm
     if v.mode == "server" and not torch.cuda.is_available():
         raise RuntimeError("rollout.vllm.mode=server: TRL's vLLM client pushes the weights to the server over NCCL, "

@@ -22,7 +22,9 @@ from pathlib import Path
 from align import formats
 from align.evaluate import show
 from align.formats import DataError
-from align.train import setup_logging
+from align.precision import autocast
+from align.precision import resolve as resolve_precision
+from align.train import log, setup_logging
 from reward_models import metrics
 from reward_models.model import RewardScorer
 
@@ -93,8 +95,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-invalid", action="store_true", help="skip (and count) invalid records")
     ap.add_argument("--max-length", type=int, default=None)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                    help="autocast precision of the forwards (auto: bf16 where the hardware multiplies it natively)")
     args = ap.parse_args(argv)
     setup_logging(is_main=True)
+    choice = resolve_precision(args.precision)
+    log.info("precision: %s", choice.describe())
     try:
         rankings, categories, skipped = load_groups(args.data, args.format, args.skip_invalid, args.limit)
     except DataError as err:
@@ -112,10 +118,12 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
     else:
         scorer = RewardScorer(args.model, device=args.device, max_length=args.max_length)
-    summary = report(rankings, score_groups(scorer, rankings), categories, args.report)
+    with autocast(choice, scorer.device):
+        scores = score_groups(scorer, rankings)
+    summary = report(rankings, scores, categories, args.report)
     print_summary(summary)
     line = {k: v for k, v in summary.items() if k != "calibration"}
-    line.update(model=args.model or args.policy, data=args.data)
+    line.update(model=args.model or args.policy, data=args.data, precision=choice.as_dict())
     if args.policy:
         line["implicit_reward"] = scorer.description
     print(json.dumps(line))

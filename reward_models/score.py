@@ -18,7 +18,9 @@ from pathlib import Path
 
 from align import formats
 from align.formats import DataError
-from align.train import setup_logging
+from align.precision import autocast
+from align.precision import resolve as resolve_precision
+from align.train import log, setup_logging
 from reward_models.model import RewardScorer
 
 
@@ -65,8 +67,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-length", type=int, default=None, help="override the model's max_length")
     ap.add_argument("--max-tokens", type=int, default=8192, help="padded tokens per forward pass")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                    help="autocast precision of the forwards (auto: bf16 where the hardware multiplies it natively)")
     args = ap.parse_args(argv)
     setup_logging(is_main=True)
+    choice = resolve_precision(args.precision)
+    log.info("precision: %s", choice.describe())
     try:
         records = formats.read_records(args.data)
         fmt, per_record = _items(records, args.format)
@@ -80,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    rewards = scorer.score_sequences(seqs, progress=True).tolist()
+    with autocast(choice, scorer.device):
+        rewards = scorer.score_sequences(seqs, progress=True).float().tolist()
     out, tmp = Path(args.out), Path(args.out).with_name(f".tmp-{Path(args.out).name}")
     out.parent.mkdir(parents=True, exist_ok=True)
     k = 0

@@ -77,6 +77,12 @@ def test_report_files_exist_and_their_numbers_are_the_metrics_files_numbers(fini
     for name in ("dpo", "ppo"):
         for plot in ("rewards.png", "kl_vs_reward.png", "lengths.png"):
             assert (out / f"eval_{name}" / plot).is_file() and f"eval_{name}/{plot}" in report_md
+    # What every stage and evaluation computed in (the tests pin auto to fp32: tests/conftest.py), and why.
+    used = [report["stages"][n]["report"]["precision"] for n in ("sft", "rm", "dpo", "ppo")]
+    used += [report["evaluations"][n]["precision"] for n in ("dpo", "ppo")]
+    assert used == [{"asked": "auto", "used": "fp32", "reason": "ALIGN_AUTO_PRECISION=fp32 in the environment"}] * 6
+    assert ("Precision of sft, rm, dpo, ppo, eval dpo, eval ppo: fp32 (auto: ALIGN_AUTO_PRECISION=fp32 in the "
+            "environment).") in report_md
     # Stage numbers: the last held-out values logged in each metrics.jsonl.
     sft_loss = metrics(out / "sft", "loss/val")
     assert report["stages"]["sft"]["report"]["val_loss"] == pytest.approx(sft_loss[-1])

@@ -240,6 +240,13 @@ def test_score_and_evaluate_round_trip(tmp_path):
     rows = [json.loads(line) for line in open(scored)]
     assert all({"reward_chosen", "reward_rejected", "category"} <= set(r) for r in rows)
     expected = sum(r["reward_chosen"] > r["reward_rejected"] for r in rows) / 3
+    done = subprocess.run([sys.executable, "-m", "reward_models.score", "--model", str(model), "--data", str(pairs),
+                           "--out", str(tmp_path / "bf16.jsonl"), "--precision", "bf16"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "precision: bf16 (set by the recipe" in done.stdout, done.stderr[-2000:]
+    in_bf16 = [json.loads(line) for line in open(tmp_path / "bf16.jsonl")]
+    gaps = [abs(a[k] - b[k]) for a, b in zip(rows, in_bf16) for k in ("reward_chosen", "reward_rejected")]
+    assert 0 < max(gaps) < 0.05, gaps  # autocast ran (not float32's numbers bit for bit), within bf16's precision
 
     report = tmp_path / "report"
     done = subprocess.run([sys.executable, "-m", "reward_models.evaluate", "--model", str(model), "--data", str(pairs),
@@ -247,6 +254,8 @@ def test_score_and_evaluate_round_trip(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     final = json.loads(done.stdout.strip().splitlines()[-1])
     assert final["n"] == 3 and final["accuracy"] == pytest.approx(expected)
+    assert final["precision"] == {"asked": "auto", "used": "fp32", "reason": "ALIGN_AUTO_PRECISION=fp32 in the "
+                                                                              "environment"}
     assert len(final["ci95"]) == 2 and set(final["per_category"]) == {"humor", "math"}
     assert (report / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
