@@ -77,17 +77,13 @@ def matmul_peak_gflops(dtype: torch.dtype = torch.float32, sizes: tuple[int, ...
     square sizes (larger products run closer to the peak). Each size times at least one product after a warm-up
     one; once a product takes over a quarter of `seconds` the larger sizes are skipped (8x and 27x the work): bf16
     on a CPU without bf16 instructions is emulated, ~100x slower, and one 1024 product already takes seconds."""
+    from align.precision import matmul_gflops
+
     best = 0.0
     for n in sizes:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b  # warm-up: kernels chosen, memory allocated
-        count, start = 0, time.perf_counter()
-        while count == 0 or time.perf_counter() - start < seconds:
-            a @ b
-            count += 1
-        elapsed = time.perf_counter() - start
-        best = max(best, 2 * n**3 * count / elapsed / 1e9)
-        if elapsed / count > seconds / 4:
+        rate = matmul_gflops(dtype, n, seconds)
+        best = max(best, rate)
+        if 2 * n**3 / (rate * 1e9) > seconds / 4:  # one product's seconds
             break
     return best
 
