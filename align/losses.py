@@ -410,3 +410,161 @@ def adaptive_kl_coef(kl_coef: float, observed_kl: float, target: float, horizon:
     observed_kl is the batch's mean KL per response; n_steps the number of responses it came from."""
     error = min(max(observed_kl / target - 1.0, -0.2), 0.2)
     return kl_coef * (1.0 + error * n_steps / horizon)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GRPO and its family: group baselines instead of a critic (Shao et al. 2024), RLOO (Ahmadian et al. 2024),
+# REINFORCE++ (Hu 2025), Dr.GRPO (Liu et al. 2025), DAPO (Yu et al. 2025), GSPO (Zheng et al. 2025)
+#
+# Scores [B] are laid out group by group: rows g*n .. g*n+n-1 are the n = group_size responses to prompt g. Token
+# tensors are [B, T] as for PPO above, with response_mask [B, T] marking each response's tokens.
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, estimator: str, scale_rewards: bool = True
+                     ) -> torch.Tensor:
+    """One advantage per response [B] from its group's scores, with s_i the score of response i of n:
+
+        grpo                   A_i = (s_i - mean(s)) / (std(s) + 1e-4)     (GRPO, Shao et al. 2024, sec. 4.1.2;
+                                                                             std unbiased, as TRL's GRPOTrainer)
+                               A_i = s_i - mean(s)       scale_rewards=False (Dr.GRPO, Liu et al. 2025)
+        rloo                   A_i = s_i - 1/(n-1) sum_{j != i} s_j  =  n/(n-1) (s_i - mean(s))
+                                                                            (RLOO, Ahmadian et al. 2024, eq. 5)
+        reinforce_pp_baseline  A_i = s_i - mean(s)       (REINFORCE++-baseline, Hu 2025; the caller then whitens
+                                                          over the global batch)
+
+    scale_rewards applies to grpo only; the others never divide by a std. A group whose scores are all equal
+    carries no signal and gets exactly 0 (TRL's formula leaves float noise up to ~1e-3 there: 1 ulp / 1e-4).
+    """
+    n = group_size
+    if n < 2:
+        raise ValueError(f"group_size must be >= 2: a group baseline is undefined for one response (got {n})")
+    if scores.numel() % n:
+        raise ValueError(f"{scores.numel()} scores do not split into groups of {n}")
+    if not scores.is_floating_point():
+        scores = scores.float()
+    grouped = scores.reshape(-1, n)
+    centred = grouped - grouped.mean(1, keepdim=True)
+    if estimator == "grpo":
+        advantages = centred / (grouped.std(1, keepdim=True) + 1e-4) if scale_rewards else centred
+    elif estimator == "rloo":
+        advantages = centred * (n / (n - 1))
+    elif estimator == "reinforce_pp_baseline":
+        advantages = centred
+    else:
+        raise ValueError(f"unknown advantage estimator {estimator!r}; expected grpo, rloo or reinforce_pp_baseline")
+    flat = (grouped.amax(1, keepdim=True) == grouped.amin(1, keepdim=True))
+    return torch.where(flat, torch.zeros_like(advantages), advantages).reshape(-1)
+
+
+def discounted_returns(rewards: torch.Tensor, response_mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-token returns of each response (REINFORCE++, Hu 2025, eq. 3), backwards in time:
+
+        G_t = sum_{k >= t} gamma^(k - t) r_k  =  r_t + gamma G_{t+1}      (G = 0 after the response's end)
+
+    rewards, response_mask [B, T] -> [B, T], 0 off-mask; junk past a response's end never leaks into it."""
+    mask = response_mask.to(rewards.dtype)
+    rewards = rewards * mask
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = (rewards[:, t] + gamma * running) * mask[:, t]
+        returns[:, t] = running
+    return returns
+
+
+def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                        response_mask: torch.Tensor, clip_low: float, clip_high: float, ratio: str = "token",
+                        is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipped surrogate of GRPO (Shao et al. 2024, eq. 3) as a per-token loss to minimise, with decoupled
+    clip ranges (DAPO's clip-higher, Yu et al. 2025, eq. 10):
+
+        L_t = -min(w_t A_t, clip(w_t, 1 - clip_low, 1 + clip_high) A_t)
+
+        ratio="token":     log w_t = log pi(a_t|s_t) - log pi_old(a_t|s_t)
+        ratio="sequence":  log w_t = 1/|y| sum_t' [log pi(a_t'|s_t') - log pi_old(a_t'|s_t')]  for every t
+                           (GSPO, Zheng et al. 2025, eq. 7: the length-normalised sequence ratio; the gradient
+                           flows through the mean, as TRL's importance_sampling_level="sequence")
+
+    then times is_weights [B, T] if given (truncated importance sampling for the rollout engine's mismatch, see
+    truncated_is_weights; no gradient through them). advantages [B, T] or [B] (one per response, broadcast).
+    -> (per-token loss [B, T], not masked: aggregate_loss applies the mask; clipped [B, T] bool: where the clipped
+    term was selected and differs, i.e. the gradient is zero, False off-mask)."""
+    mask = response_mask.to(logprobs.dtype)
+    log_ratio = logprobs - old_logprobs
+    if ratio == "token":
+        log_w = log_ratio
+    elif ratio == "sequence":
+        log_w = masked_mean(log_ratio, mask, 1)[:, None]
+    else:
+        raise ValueError(f"unknown ratio {ratio!r}; expected token or sequence")
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]
+    w = torch.exp(log_w)
+    unclipped = w * advantages
+    clipped_term = torch.clamp(w, 1 - clip_low, 1 + clip_high) * advantages
+    loss = torch.broadcast_to(-torch.minimum(unclipped, clipped_term), logprobs.shape)
+    if is_weights is not None:
+        loss = loss * is_weights.detach()
+    clipped = torch.broadcast_to(clipped_term < unclipped, logprobs.shape) & response_mask.bool()
+    return loss, clipped
+
+
+def aggregate_loss(per_token: torch.Tensor, response_mask: torch.Tensor, how: str,
+                   num_tokens: float | torch.Tensor, num_sequences: float | torch.Tensor, max_new_tokens: int
+                   ) -> torch.Tensor:
+    """This micro-batch's share of the loss of a whole minibatch split over micro-batches and processes: the
+    caller sums the shares (backward on each), and num_tokens / num_sequences count the WHOLE minibatch, so the
+    gradient equals that of one big batch whatever the split. With L_it the per-token loss and |y_i| the lengths:
+
+        token_mean               sum_i sum_t L_it / sum_i |y_i|              (DAPO, Yu et al. 2025, eq. 8;
+                                                                              TRL "dapo", and "bnpo" on one batch)
+        seq_mean_token_mean      1/N sum_i (1/|y_i|) sum_t L_it              (GRPO, Shao et al. 2024, eq. 3;
+                                                                              TRL "grpo")
+        seq_mean_token_sum_norm  1/N sum_i sum_t L_it / max_new_tokens       (Dr.GRPO, Liu et al. 2025, eq. 2;
+                                                                              TRL "dr_grpo")
+
+    N = num_sequences. Counts below 1 are taken as 1 (an empty minibatch gives 0, not NaN), as TRL does."""
+    mask = response_mask.to(per_token.dtype)
+    if how == "token_mean":
+        return masked_sum(per_token, mask) / _at_least_one(num_tokens)
+    if how == "seq_mean_token_mean":
+        per_sequence = masked_sum(per_token, mask, 1) / mask.sum(1).clamp(min=1)
+        return per_sequence.sum() / _at_least_one(num_sequences)
+    if how == "seq_mean_token_sum_norm":
+        return masked_sum(per_token, mask) / max_new_tokens / _at_least_one(num_sequences)
+    raise ValueError(f"unknown loss aggregation {how!r}; expected token_mean, seq_mean_token_mean or "
+                     "seq_mean_token_sum_norm")
+
+
+def _at_least_one(count: float | torch.Tensor) -> float | torch.Tensor:
+    return count.clamp(min=1) if isinstance(count, torch.Tensor) else max(count, 1)
+
+
+@torch.no_grad()
+def truncated_is_weights(old_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, cap: float
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated importance sampling weights that correct for the rollout engine (e.g. vLLM) sampling from a
+    slightly different distribution than the trainer's pi_old (TIS, Yao et al. 2025, "Your efficient RL framework
+    secretly brings you off-policy RL training"; TRL's vllm_importance_sampling_mode="token_truncate"):
+
+        w_t = min(pi_old(a_t|s_t) / pi_engine(a_t|s_t), C)
+
+    -> (weights [B, T], no gradient; capped [B, T] bool: where w was cut to C). A token the engine could not score
+    (NaN log-prob) gets weight 1, as in TRL, so one missing value cannot turn the loss into NaN."""
+    log_w = torch.nan_to_num(old_logprobs - engine_logprobs, nan=0.0)
+    weights = torch.exp(log_w)
+    return weights.clamp(max=cap), weights > cap
+
+
+def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, penalty: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to the score of each response [B]:
+
+        R(L) = 0                                   L <= L_max - L_buffer
+               ((L_max - L_buffer) - L) / L_buffer   L_max - L_buffer < L <= L_max
+               -1                                  L_max < L
+    times `penalty`. A truncated response (L = L_max) gets the full -penalty."""
+    if buffer <= 0:
+        raise ValueError(f"overlong buffer must be > 0, got {buffer}")
+    start = max_new_tokens - buffer
+    excess = (lengths.to(torch.get_default_dtype()) - start).clamp(min=0)
+    return -(excess / buffer).clamp(max=1) * penalty

@@ -17,11 +17,12 @@ import re
 from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import torch
 
 from align.formats import check_utf8, open_text
+from reward_models.math_answer import Checker
 
 Message = dict[str, Any]
 Text = Union[str, list[Message]]
@@ -86,6 +87,33 @@ def final_answer(text: str) -> str | None:
     return None if match is None else _normalise_number(match.group(0))
 
 
+def read_answers(path: str | Path, same_answer: Callable[[str], Any]) -> dict[str, str]:
+    """A JSONL file of {"question", "answer"} rows (blank lines skipped) as {question: answer}, questions stripped.
+    A question that repeats with an answer whose `same_answer(...)` differs is an error (the reward would depend on
+    file order). Errors are ValueErrors (a non-UTF-8 byte: align.formats.DataError, a ValueError) of one line naming
+    the file and the line."""
+    answers: dict[str, str] = {}
+    with open_text(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            check_utf8(path, line, lineno)
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            for field in ("question", "answer"):
+                if not isinstance(row.get(field), str):
+                    raise ValueError(f"{path}:{lineno}: missing or non-string field {field!r}")
+            question = row["question"].strip()
+            if question in answers and same_answer(answers[question]) != same_answer(row["answer"]):
+                raise ValueError(f"{path}:{lineno}: question {question[:60]!r} repeats with a different answer")
+            answers[question] = row["answer"]
+    return answers
+
+
 class GSM8KExactMatch:
     """1.0 when the response's final answer equals the reference's numerically, else 0.0.
 
@@ -106,29 +134,8 @@ class GSM8KExactMatch:
 
     @classmethod
     def from_file(cls, path: str | Path) -> GSM8KExactMatch:
-        """Read a JSONL file of {"question", "answer"} rows (blank lines are skipped). Errors are ValueErrors (a
-        non-UTF-8 byte: align.formats.DataError, a ValueError) of one line naming the file and the line."""
-        answers: dict[str, str] = {}
-        with open_text(path) as f:
-            for lineno, line in enumerate(f, start=1):
-                check_utf8(path, line, lineno)
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-                for field in ("question", "answer"):
-                    if not isinstance(row.get(field), str):
-                        raise ValueError(f"{path}:{lineno}: missing or non-string field {field!r}")
-                question = row["question"].strip()
-                # The same question with two different answers would make the reward depend on file order.
-                if question in answers and final_answer(answers[question]) != final_answer(row["answer"]):
-                    raise ValueError(f"{path}:{lineno}: question {question[:60]!r} repeats with a different answer")
-                answers[question] = row["answer"]
-        return cls(answers)
+        """Read a JSONL file of {"question", "answer"} rows; see `read_answers` for its errors."""
+        return cls(read_answers(path, final_answer))
 
     def score(self, prompts: Sequence[Text], responses: Sequence[Text]) -> torch.Tensor:
         _check_lengths(prompts, responses)
@@ -139,6 +146,63 @@ class GSM8KExactMatch:
                 raise KeyError(f"no reference answer for question {question[:60]!r}")
             rewards.append(1.0 if final_answer(response_text(response)) == self.references[question] else 0.0)
         return torch.tensor(rewards, dtype=torch.float32)
+
+
+class MathAnswer:
+    r"""1.0 when the response's final answer is mathematically equal to the reference's, else 0.0: "1,000" equals
+    "1000", "\boxed{\frac{1}{2}}" equals "0.5", "The answer is 18." equals "#### 18".
+
+    Checked by math-verify (reward_models.math_answer): it reads \boxed{} answers, "the answer is ..." and the last
+    expression, and compares with sympy under a timeout; a response it cannot read or check scores 0.0, never an
+    error. `answers` maps a question to its reference: a GSM8K worked answer ("... #### 72": the number after the
+    last "####"), a MATH solution with \boxed{}, or a bare answer ("72", "\frac{1}{2}"). A response with "####"
+    is judged by the first line after its last "####", as gsm8k_exact does. `timeout` bounds each parse and
+    comparison, in seconds."""
+
+    name = "math_answer"
+
+    def __init__(self, answers: dict[str, str], timeout: int = 5):
+        try:  # now rather than at the first score, minutes into a run
+            import math_verify  # noqa: F401
+        except ImportError as err:
+            raise ValueError(f"math_answer needs the math-verify package (pip install math-verify): {err}") from None
+        self.checker = Checker(timeout)
+        self.references = {q.strip(): reference_answer(a, q) for q, a in answers.items()}
+
+    @classmethod
+    def from_file(cls, path: str | Path, timeout: int = 5) -> MathAnswer:
+        """Read a JSONL file of {"question", "answer"} rows; see `read_answers` for its errors."""
+        return cls(read_answers(path, lambda a: final_answer(a) if "####" in a else a.strip()), timeout)
+
+    def score(self, prompts: Sequence[Text], responses: Sequence[Text]) -> torch.Tensor:
+        _check_lengths(prompts, responses)
+        rewards = []
+        for prompt, response in zip(prompts, responses):
+            question = prompt_text(prompt).strip()
+            if question not in self.references:
+                raise KeyError(f"no reference answer for question {question[:60]!r}")
+            text = response_text(response)
+            if "####" in text:
+                text = text.rsplit("####", 1)[1].strip().split("\n", 1)[0]
+            try:
+                equal = self.checker(self.references[question], text)
+            except ValueError as err:  # the reference, not the response: a data bug worth stopping for
+                raise ValueError(f"question {question[:60]!r}: {err}") from None
+            rewards.append(1.0 if equal else 0.0)
+        return torch.tensor(rewards, dtype=torch.float32)
+
+
+def reference_answer(answer: str, question: str = "") -> str:
+    """What a reference says the answer is, as text for math-verify: the number after GSM8K's last "####"
+    (normalised: "1,080" -> "1080"), else the stripped text (a solution with \\boxed{} or a bare answer)."""
+    if "####" in answer:
+        number = final_answer(answer)
+        if number is None:
+            raise ValueError(f"reference answer has no number after '####' for question {question.strip()[:60]!r}")
+        return number
+    if not answer.strip():
+        raise ValueError(f"reference answer is empty for question {question.strip()[:60]!r}")
+    return answer.strip()
 
 
 class LengthReward:
@@ -183,14 +247,19 @@ class RegexReward:
         return torch.tensor(rewards, dtype=torch.float32)
 
 
-Rule = Union[GSM8KExactMatch, LengthReward, RegexReward]
+Rule = Union[GSM8KExactMatch, MathAnswer, LengthReward, RegexReward]
 
-RULES: dict[str, type] = {"gsm8k_exact": GSM8KExactMatch, "length": LengthReward, "regex": RegexReward}
+RULES: dict[str, type] = {
+    "gsm8k_exact": GSM8KExactMatch,
+    "math_answer": MathAnswer,
+    "length": LengthReward,
+    "regex": RegexReward,
+}
 
 
 def load_rule(name: str, **kwargs: Any) -> Rule:
-    """Build a rule by registry name. For "gsm8k_exact", `data=PATH` reads the references from a JSONL file;
-    otherwise the keyword arguments go to the rule's constructor."""
+    """Build a rule by registry name. For "gsm8k_exact" and "math_answer", `data=PATH` reads the references from a
+    JSONL file of {"question", "answer"} rows; otherwise the keyword arguments go to the rule's constructor."""
     if name not in RULES:
         raise ValueError(f"unknown rule {name!r}; known rules: {', '.join(sorted(RULES))}")
     if name == "gsm8k_exact" and "data" in kwargs:
@@ -198,4 +267,6 @@ def load_rule(name: str, **kwargs: Any) -> Rule:
         if kwargs:
             raise TypeError(f"gsm8k_exact with data= takes no other arguments, got {sorted(kwargs)}")
         return GSM8KExactMatch.from_file(path)
+    if name == "math_answer" and "data" in kwargs:
+        return MathAnswer.from_file(kwargs.pop("data"), **kwargs)
     return RULES[name](**kwargs)

@@ -1,16 +1,19 @@
-"""reward_models.rules: final-answer extraction on real GSM8K answers, the exact-match reward, the shaping rules."""
+"""reward_models.rules: final-answer extraction on real GSM8K answers, the exact-match reward, the math-answer
+reward (math-verify), the shaping rules."""
 
 from __future__ import annotations
 
 import json
 import re
+import threading
+import time
 
 import pytest
 import torch
 
-from reward_models import rules
+from reward_models import math_answer, rules
 
-from helpers import ROOT
+from helpers import ROOT, shared
 
 GSM8K_400 = ROOT / "data" / "gsm8k_400.jsonl"
 
@@ -197,7 +200,7 @@ def test_regex_reward():
 
 @pytest.mark.parametrize(
     "rule",
-    [rules.GSM8KExactMatch({"q": "1"}), rules.LengthReward(), rules.RegexReward("x")],
+    [rules.GSM8KExactMatch({"q": "1"}), rules.MathAnswer({"q": "1"}), rules.LengthReward(), rules.RegexReward("x")],
 )
 def test_length_mismatch_raises(rule):
     with pytest.raises(ValueError, match="2 prompts but 1 responses"):
@@ -216,9 +219,135 @@ def test_load_rule_builds_each_rule(rows):
     regex = rules.load_rule("regex", pattern="####", penalty=-1.0)
     assert isinstance(regex, rules.RegexReward) and regex.score(["p", "p"], ["#### 1", "1"]).tolist() == [1.0, -1.0]
 
+    math = rules.load_rule("math_answer", data=GSM8K_400, timeout=2)
+    assert isinstance(math, rules.MathAnswer) and len(math.references) == 400 and math.checker.timeout == 2
+    assert math.score([rows[5]["question"]], [rows[5]["answer"]]).tolist() == [1.0]
+
     assert {name: cls.name for name, cls in rules.RULES.items()} == {n: n for n in rules.RULES}
 
 
 def test_load_rule_rejects_unknown_names():
-    with pytest.raises(ValueError, match="gsm8k_exact, length, regex"):
+    with pytest.raises(ValueError, match="gsm8k_exact, length, math_answer, regex"):
         rules.load_rule("bleu")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# math_answer
+
+
+def math_score(reference: str, response: str, timeout: int = 5) -> float:
+    return rules.MathAnswer({"q": reference}, timeout=timeout).score(["q"], [response]).item()
+
+
+@pytest.mark.parametrize(("reference", "response"), [
+    ("#### 1,000", "1000"),
+    ("1000", "The total is 1,000."),
+    ("\\boxed{\\frac{1}{2}}", "0.5"),
+    ("0.5", "So the probability is $\\boxed{\\frac{1}{2}}$."),
+    ("\\frac{1}{2}", "\\boxed{0.50}"),
+    ("#### 18", "The answer is 18."),
+    ("Each costs $3, so 6 x 3 = 18.\n#### 18", "6 * 3 = 18\n#### 18"),
+    ("#### 72", "48 + 24 = 72\n#### 72\nCheck: 8 apples"),  # the line after "####" counts, not a later number
+    ("The side is $\\boxed{\\frac{\\sqrt{2}}{2}}$.", "\\boxed{\\frac{1}{\\sqrt{2}}}"),
+    ("\\sqrt{2}/2", "$\\frac{\\sqrt{2}}{2}$"),  # a bare LaTeX reference
+    ("#### -5", "The change is -5."),
+])
+def test_math_answer_equal_forms_score_one(reference, response):
+    assert math_score(reference, response) == 1.0
+
+
+@pytest.mark.parametrize(("reference", "response"), [
+    ("#### 18", "The answer is 19."),
+    ("#### 1,000", "100"),
+    ("\\boxed{\\frac{1}{2}}", "\\boxed{\\frac{1}{3}}"),
+    ("0.5", "0.55"),
+    ("#### 72", "48 + 24 = 72\n#### 73"),
+    ("#### 5", "The change is -5."),
+    ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\boxed{\\sqrt{2}}"),
+])
+def test_math_answer_unequal_values_score_zero(reference, response):
+    assert math_score(reference, response) == 0.0
+
+
+@pytest.mark.parametrize("response", [
+    "", "I do not know.", "]]]{{{\\frac{", "\\boxed{", "\\boxed{}", "\x00\ufffd\u202e", "#### ", "####", "$$$$",
+    "\\frac{1}{" * 200, "(" * 5000, "x" * 100_000,
+])
+def test_math_answer_garbage_scores_zero_without_raising(response):
+    assert math_score("#### 72", response) == 0.0
+
+
+def test_math_answer_gives_up_on_an_answer_too_costly_to_check():
+    # 9^(9^(9^9)) cannot be evaluated; the timeout stops the comparison and the response scores 0.
+    started = time.perf_counter()
+    assert math_score("#### 72", "\\boxed{9^{9^{9^{9}}}}", timeout=1) == 0.0
+    assert time.perf_counter() - started < 10
+
+
+def test_math_answer_on_real_gsm8k_training_rows():
+    path = shared("gsm8k_train.jsonl")
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(next(f)) for _ in range(8)]
+    rule = rules.load_rule("math_answer", data=path)
+    questions = [r["question"] for r in rows]
+    # A chat prompt is matched by its last user turn, like gsm8k_exact.
+    chats = [[{"role": "system", "content": "Solve it."}, {"role": "user", "content": q}] for q in questions]
+    answers = [r["answer"] for r in rows]
+    assert rule.score(chats, answers).tolist() == [1.0] * 8
+    wrong = [re.sub(r"####.*$", f"#### {int(rules.final_answer(a)) + 1}", a) for a in answers]
+    assert rule.score(chats, wrong).tolist() == [0.0] * 8
+    assert rows[0]["answer"].endswith("#### 72")
+    assert rule.score(chats[:1], ["She sold 48 + 24 clips, so the answer is $\\boxed{72}$."]).tolist() == [1.0]
+
+
+def test_math_answer_scores_the_same_from_another_thread():
+    # Off the main thread math-verify's signal timeouts cannot work: the check runs in a worker process instead.
+    rule = rules.MathAnswer({"q": "\\boxed{\\frac{1}{2}}", "g": "#### 1,000"}, timeout=2)
+    prompts = ["q", "q", "g", "g", "q"]
+    responses = ["0.5", "0.4", "The answer is 1,000.", "999", "]]{{garbage"]
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(scores=rule.score(prompts, responses).tolist()))
+    worker.start()
+    worker.join(timeout=120)
+    try:
+        assert result.get("scores") == [1.0, 0.0, 1.0, 0.0, 0.0]
+        assert rule.checker._worker is not None and rule.checker._worker.poll() is None
+    finally:
+        rule.checker.close()
+
+
+def test_math_answer_worker_that_does_not_answer_is_restarted_and_scores_zero(monkeypatch):
+    checker = math_answer.Checker(timeout=1)
+    try:
+        assert checker._in_worker("0.5", "\\frac{1}{2}") is True  # the worker path, called directly
+        first = checker._worker
+        monkeypatch.setattr(math_answer.select, "select", lambda r, w, x, timeout: ([], [], []))
+        assert checker._in_worker("0.5", "\\frac{1}{2}") is False
+        assert checker._worker is None and first.poll() is not None  # killed
+        monkeypatch.undo()
+        assert checker._in_worker("0.5", "\\frac{1}{2}") is True  # a fresh worker
+    finally:
+        checker.close()
+
+
+def test_math_answer_bad_references_are_errors():
+    with pytest.raises(ValueError, match="no number after '####'"):
+        rules.MathAnswer({"q": "#### unknown"})
+    with pytest.raises(ValueError, match="empty"):
+        rules.MathAnswer({"q": "  "})
+    rule = rules.MathAnswer({"What is it?": "The answer is \\boxed{}."})  # parsed lazily, so at the first score
+    with pytest.raises(ValueError, match=re.escape("question 'What is it?': math-verify finds no answer")):
+        rule.score(["What is it?"], ["1"])
+    with pytest.raises(ValueError, match="timeout must be a positive whole number"):
+        rules.MathAnswer({"q": "1"}, timeout=0)
+
+
+def test_format_reward_on_gsm8k_text():
+    # A format term to add to math_answer: the response ends on a GSM8K answer line.
+    path = shared("gsm8k_train.jsonl")
+    with open(path, encoding="utf-8") as f:
+        answers = [json.loads(next(f))["answer"] for _ in range(5)]
+    rule = rules.load_rule("regex", pattern=r"####\s*-?[\d,.]+\s*$")
+    assert rule.score(["p"] * 5, answers).tolist() == [1.0] * 5
+    others = ["The answer is 72.", "#### 72\nI hope that helps!", "#### seventy-two", "#### -1,080.5\n", "####72"]
+    assert rule.score(["p"] * 5, others).tolist() == [0.0, 0.0, 0.0, 1.0, 1.0]
