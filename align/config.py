@@ -505,23 +505,72 @@ class PPODataConfig:
         one_of(f"{at}.template", self.template, ("auto", "chat", "plain"))
 
 
+REWARD_SOURCES = ("model", "rule", "function")
+
+
+def _check_reward_source(at: str, node) -> None:
+    given = [k for k in REWARD_SOURCES if getattr(node, k) is not None]
+    if len(given) != 1:
+        raise ConfigError(f"{at}: set exactly one of {at}.model (a reward-model folder), {at}.rule (reward_models/"
+                          f"rules.py) or {at}.function (module:function); got {', '.join(given) or 'none'}")
+    if node.rule_args and node.rule is None and node.function is None:
+        raise ConfigError(f"{at}.rule_args is set but neither {at}.rule nor {at}.function is")
+    if node.function is not None and (":" not in node.function or node.function.count(":") != 1):
+        raise ConfigError(f"{at}.function={node.function!r}: expected module:function, e.g. my_rewards:score")
+
+
+@dataclass
+class RewardTerm:
+    model: Optional[str] = None
+    """A reward-model folder (see reward.model)."""
+    rule: Optional[str] = None
+    """Or a rule from reward_models/rules.py (see reward.rule)."""
+    function: Optional[str] = None
+    """Or a Python function by reference (see reward.function)."""
+    rule_args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the rule or function."""
+    max_length: Optional[int] = None
+    """Reward-model truncation limit in tokens."""
+    weight: float = 1.0
+    """The term's weight in the sum that is the reward."""
+    name: Optional[str] = None
+    """How the term is logged (reward/term/<name>; default: the rule's or function's name, or `model`)."""
+
+    def _check(self, at: str) -> None:
+        _check_reward_source(at, self)
+
+
 @dataclass
 class RewardConfig:
     model: Optional[str] = None
     """A reward-model folder: align.rm's output, or any one-output sequence-classification model. It keeps its own
     tokenizer and template: responses are decoded, re-templated and re-tokenized for it."""
     rule: Optional[str] = None
-    """Or a programmatic reward from reward_models/rules.py: gsm8k_exact, length, regex."""
+    """Or a programmatic reward from reward_models/rules.py: gsm8k_exact, math_answer, length, regex."""
+    function: Optional[str] = None
+    """Or your own reward function by reference, `module:function` (the module importable from the working folder
+    or the Python path), called as function(prompts, responses, **rule_args) -> one float per response; prompts are
+    chat message lists, responses strings."""
     rule_args: dict[str, Any] = field(default_factory=dict)
-    """Arguments of the rule, e.g. {data: data/gsm8k_400.jsonl} or {pattern: "####"}."""
+    """Arguments of the rule or function, e.g. {data: data/gsm8k_400.jsonl} or {pattern: "####"}."""
     max_length: Optional[int] = None
     """Reward-model truncation limit in tokens (default: the one it was trained with)."""
+    terms: list[RewardTerm] = field(default_factory=list)
+    """Or several rewards at once: the reward is the weighted sum of the terms, and each is logged on its own
+    (e.g. [{rule: math_answer, rule_args: {data: ...}}, {rule: regex, rule_args: {pattern: ...}, weight: 0.2}])."""
 
     def _check(self, at: str) -> None:
-        if (self.model is None) == (self.rule is None):
-            raise ConfigError(f"{at}: set exactly one of {at}.model (a reward-model folder) or {at}.rule")
-        if self.rule_args and self.rule is None:
-            raise ConfigError(f"{at}.rule_args is set but {at}.rule is not")
+        if self.terms:
+            for i, term in enumerate(self.terms):  # list items are not walked by _run_checks
+                term._check(f"{at}.terms[{i}]")
+            if any(getattr(self, k) is not None for k in REWARD_SOURCES) or self.rule_args:
+                raise ConfigError(f"{at}: set either {at}.terms or one of {at}.model, {at}.rule, {at}.function")
+            names = [t.name or t.rule or (t.function or "").split(":")[-1] or "model" for t in self.terms]
+            if len(set(names)) != len(names):
+                raise ConfigError(f"{at}.terms: two terms would be logged as the same name ({names}); give each a "
+                                  f"name")
+            return
+        _check_reward_source(at, self)
 
 
 @dataclass
@@ -585,6 +634,8 @@ class RolloutConfig:
     """Top-k sampling: must stay 0 (off), for the same reason as top_p."""
     generation_batch_size: int = 64
     """hf: prompts per generate call."""
+    n: int = 1
+    """Responses sampled per prompt: a group, sampled, scored and kept together on one process (GRPO's G)."""
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     """Settings of the vllm engine."""
 
@@ -597,18 +648,38 @@ class RolloutConfig:
             raise ConfigError(f"{at}.top_p: must be in (0, 1]; got {self.top_p}")
         positive(f"{at}.top_k", self.top_k, allow_zero=True)
         positive(f"{at}.generation_batch_size", self.generation_batch_size)
+        positive(f"{at}.n", self.n)
         if self.top_p < 1 or self.top_k:
             raise ConfigError(f"{at}.top_p={self.top_p}, {at}.top_k={self.top_k}: PPO's ratio and KL penalty use the "
                               f"log-probs of the full tempered softmax, so responses must be sampled from it; leave "
                               f"{at}.top_p=1 and {at}.top_k=0 (lower {at}.temperature instead)")
 
 
+ADVANTAGES = ("gae", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+GROUP_ADVANTAGES = ("grpo", "rloo", "reinforce_pp_baseline")  # need rollout.n >= 2: a baseline from the group
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
 @dataclass
-class PPOAlgoConfig:
+class AlgorithmConfig:
+    advantage: str = "gae"
+    """How advantages are estimated: gae (a learned critic, GAE; PPO as in InstructGPT), grpo (each response's score
+    minus its group's mean, divided by the group's std unless scale_rewards=false: Dr.GRPO), rloo (minus the mean of
+    the other responses of its group), reinforce_pp (REINFORCE++: discounted returns of the KL-shaped rewards, whitened
+    over the batch), reinforce_pp_baseline (the same after subtracting the group's mean score). All but gae and
+    reinforce_pp need rollout.n >= 2, and only gae trains a critic."""
+    scale_rewards: bool = True
+    """grpo: divide by the group's standard deviation (false: Dr.GRPO, which found the division biases toward
+    groups whose rewards barely differ)."""
     kl_coef: float = 0.05
-    """beta: weight of the per-token KL penalty to the reference in the reward (the initial value when adaptive)."""
+    """beta: weight of the KL to the reference (in the reward or in the loss, see kl_penalty; the initial value
+    when adaptive)."""
+    kl_penalty: str = "reward"
+    """Where the KL to the reference acts: reward (a per-token penalty in the reward: PPO, REINFORCE++), loss (a term
+    beta * KL_t in the policy loss: GRPO) or none (no reference forward in training: DAPO)."""
     kl_estimator: str = "k1"
-    """Per-token KL estimate: k1 (log pi - log pi_ref) or k3 ((r - 1) - log r; non-negative, lower variance)."""
+    """Per-token KL estimate: k1 (log pi - log pi_ref) or k3 ((r - 1) - log r; non-negative, lower variance; GRPO's
+    choice in the loss)."""
     adaptive_kl: bool = False
     """Adapt kl_coef toward kl_target (Ziegler et al. 2019) instead of keeping it fixed."""
     kl_target: float = 6.0
@@ -616,35 +687,63 @@ class PPOAlgoConfig:
     kl_horizon: int = 10000
     """Adaptive controller: its horizon, in responses."""
     gamma: float = 1.0
-    """Discount factor of GAE."""
+    """Discount factor of GAE and of REINFORCE++'s returns."""
     lam: float = 0.95
     """lambda of GAE."""
     ppo_epochs: int = 4
-    """Passes of minibatch updates over each rollout batch."""
+    """Passes of minibatch updates over each rollout batch (GRPO's mu)."""
     mini_batch_size: Optional[int] = None
-    """Responses per optimizer step within an update epoch (default: train.batch_size, one step per epoch). Split
-    into train.micro_batch_size forwards."""
+    """Responses per optimizer step within an update epoch (default: all train.batch_size x rollout.n responses of
+    the iteration, one step per epoch). Split into train.micro_batch_size forwards."""
     clip_eps: float = 0.2
-    """Clipping range of the policy ratio."""
+    """Clipping range of the policy ratio: [1 - clip_eps, 1 + clip_eps_high]."""
+    clip_eps_high: Optional[float] = None
+    """Upper clipping bound (DAPO's clip-higher: 0.28); default clip_eps."""
+    importance_ratio: str = "token"
+    """token (PPO, GRPO) or sequence (GSPO: one ratio per response, exp of the mean token log-ratio)."""
+    loss_agg: str = "token_mean"
+    """How the per-token policy loss becomes one number: token_mean (over every response token of the minibatch:
+    PPO, DAPO), seq_mean_token_mean (each response's token mean, then the mean over responses: the original GRPO) or
+    seq_mean_token_sum_norm (each response's token sum divided by rollout.max_new_tokens, then the mean over
+    responses: Dr.GRPO's constant normaliser)."""
     clip_eps_value: float = 0.2
-    """Clipping range of the value update around the rollout's values."""
+    """Clipping range of the value update around the rollout's values (gae)."""
     ent_coef: float = 0.0
     """Weight of an entropy bonus in the policy loss."""
     target_kl: Optional[float] = None
     """Stop the remaining updates on a rollout batch once a minibatch's approx-KL to the rollout policy exceeds
     this (null: never)."""
     whiten_advantages: bool = True
-    """Normalise advantages to mean 0, std 1 over the batch's response tokens."""
+    """Normalise advantages to mean 0, std 1 over the batch's response tokens (REINFORCE++ always does)."""
     normalize_reward: bool = False
     """Divide scores by a running standard deviation (and subtract the running mean) of all scores seen."""
     reward_clip: Optional[float] = None
     """Clip scores (after normalisation) to [-reward_clip, reward_clip]."""
     missing_eos_penalty: Optional[float] = None
     """Subtract this from the score of a response that hit max_new_tokens without its end-of-turn token."""
+    overlong_buffer: Optional[int] = None
+    """DAPO's soft overlong punishment: over the last overlong_buffer tokens of rollout.max_new_tokens the score
+    loses up to overlong_penalty, linearly in the length (null: off)."""
+    overlong_penalty: float = 1.0
+    """The penalty at rollout.max_new_tokens (DAPO: 1)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: drop groups whose rewards are all equal (no signal) and sample more prompts until the
+    iteration has train.batch_size groups; the dropped groups are counted in the log (needs rollout.n >= 2)."""
+    max_sampling_rounds: int = 4
+    """Dynamic sampling: generation rounds allowed per iteration before the run stops with an error saying the
+    data gives too few groups with any signal."""
+    engine_is_cap: Optional[float] = None
+    """Truncated importance sampling (Yao et al. 2025) for the engine/trainer mismatch: weight each token's policy
+    loss by min(pi_old / pi_engine, engine_is_cap), where pi_engine is the log-prob the rollout engine sampled with
+    (vLLM's differ from the trainer's); the share of capped tokens is logged (null: off; 2 is a common cap)."""
 
     def _check(self, at: str) -> None:
+        one_of(f"{at}.advantage", self.advantage, ADVANTAGES)
         positive(f"{at}.kl_coef", self.kl_coef, allow_zero=True)
+        one_of(f"{at}.kl_penalty", self.kl_penalty, ("reward", "loss", "none"))
         one_of(f"{at}.kl_estimator", self.kl_estimator, ("k1", "k3"))
+        one_of(f"{at}.importance_ratio", self.importance_ratio, ("token", "sequence"))
+        one_of(f"{at}.loss_agg", self.loss_agg, LOSS_AGGREGATIONS)
         positive(f"{at}.kl_target", self.kl_target)
         positive(f"{at}.kl_horizon", self.kl_horizon)
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
@@ -653,12 +752,25 @@ class PPOAlgoConfig:
         if self.mini_batch_size is not None:
             positive(f"{at}.mini_batch_size", self.mini_batch_size)
         positive(f"{at}.clip_eps", self.clip_eps)
+        if self.clip_eps_high is not None:
+            positive(f"{at}.clip_eps_high", self.clip_eps_high)
         positive(f"{at}.clip_eps_value", self.clip_eps_value)
         positive(f"{at}.ent_coef", self.ent_coef, allow_zero=True)
         if self.target_kl is not None:
             positive(f"{at}.target_kl", self.target_kl)
         if self.reward_clip is not None:
             positive(f"{at}.reward_clip", self.reward_clip)
+        if self.overlong_buffer is not None:
+            positive(f"{at}.overlong_buffer", self.overlong_buffer)
+        positive(f"{at}.overlong_penalty", self.overlong_penalty, allow_zero=True)
+        positive(f"{at}.max_sampling_rounds", self.max_sampling_rounds)
+        if self.engine_is_cap is not None and self.engine_is_cap < 1:
+            raise ConfigError(f"{at}.engine_is_cap: a cap on pi_old / pi_engine must be >= 1; got {self.engine_is_cap}")
+        if self.kl_penalty == "reward" and self.advantage in ("grpo", "rloo"):
+            raise ConfigError(f"{at}.kl_penalty=reward: advantage={self.advantage} reads one score per response, with "
+                              f"no per-token rewards to put the KL in; use kl_penalty=loss (GRPO) or off")
+        if self.adaptive_kl and self.kl_penalty == "none":
+            raise ConfigError(f"{at}.adaptive_kl=true with kl_penalty=none: there is no KL term to adapt")
 
 
 @dataclass
@@ -689,8 +801,8 @@ class PPOConfig:
     """Prompts and their template."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """The generation engine and sampling."""
-    ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
-    """The algorithm's settings."""
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    """The algorithm: advantage estimator, KL, clipping, loss aggregation, DAPO's sampling and length shaping."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=1e-5, scheduler="constant"))
     """Optimisation. batch_size is prompts per rollout (one PPO iteration); max_steps or epochs count iterations;
     the learning-rate schedule advances once per iteration."""
@@ -704,15 +816,45 @@ class PPOConfig:
     def _check(self, at: str) -> None:
         check_run(self)
         positive("eval_samples", self.eval_samples, allow_zero=True)
-        mini = self.ppo.mini_batch_size or self.train.batch_size
-        if self.train.batch_size % mini:
-            raise ConfigError(f"ppo.mini_batch_size={mini} must divide train.batch_size={self.train.batch_size}")
+        algo, responses = self.algorithm, self.train.batch_size * self.rollout.n
+        if algo.advantage in GROUP_ADVANTAGES and self.rollout.n < 2:
+            raise ConfigError(f"algorithm.advantage={algo.advantage} takes its baseline from the other responses to "
+                              f"the same prompt, so it needs rollout.n >= 2 (got {self.rollout.n})")
+        if algo.dynamic_sampling and self.rollout.n < 2:
+            raise ConfigError(f"algorithm.dynamic_sampling drops groups whose rewards are all equal; it needs "
+                              f"rollout.n >= 2 (got {self.rollout.n})")
+        mini = algo.mini_batch_size or responses
+        if responses % mini:
+            raise ConfigError(f"algorithm.mini_batch_size={mini} must divide the {responses} responses of an iteration "
+                              f"(train.batch_size={self.train.batch_size} x rollout.n={self.rollout.n})")
         if mini % self.train.micro_batch_size:
-            raise ConfigError(f"ppo.mini_batch_size={mini} is not a multiple of "
+            raise ConfigError(f"algorithm.mini_batch_size={mini} is not a multiple of "
                               f"train.micro_batch_size={self.train.micro_batch_size}")
+        if algo.overlong_buffer is not None and algo.overlong_buffer > self.rollout.max_new_tokens:
+            raise ConfigError(f"algorithm.overlong_buffer={algo.overlong_buffer} is longer than "
+                              f"rollout.max_new_tokens={self.rollout.max_new_tokens}")
         if self.critic.init == "reward" and self.reward.model is None:
             raise ConfigError("critic.init=reward needs reward.model (a rule has no weights to start from); "
                               "use critic.init=policy")
+
+
+def grpo_algorithm() -> AlgorithmConfig:
+    """GRPO (Shao et al. 2024) as TRL's GRPOTrainer runs it: group-normalised advantages, no critic, one update per
+    batch, KL (k3) in the loss, the token-mean aggregation TRL and DAPO use."""
+    return AlgorithmConfig(advantage="grpo", kl_penalty="loss", kl_estimator="k3", kl_coef=0.04, ppo_epochs=1,
+                           whiten_advantages=False, loss_agg="token_mean")
+
+
+@dataclass
+class GRPOConfig(PPOConfig):
+    """The group-baseline family (GRPO, Dr.GRPO, DAPO, GSPO, RLOO, REINFORCE++) on PPO's loop:
+    `python -m align.grpo RECIPE.yaml [key=value ...]`. The same keys as align.ppo; only the defaults differ (GRPO's:
+    algorithm.advantage=grpo, KL in the loss, rollout.n=8, no critic)."""
+
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(n=8))
+    """The generation engine, sampling and group size (rollout.n responses per prompt)."""
+    algorithm: AlgorithmConfig = field(default_factory=grpo_algorithm)
+    """The algorithm (GRPO's defaults; every align.ppo setting applies)."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -816,8 +958,9 @@ class PipelineConfig:
     """Delete output_dir first and run every stage again. Without it a complete stage is skipped and a failed one
     resumes from its last checkpoint."""
     stages: list[str] = MISSING
-    """Which stages run, in order: any of sft, rm, dpo, ppo. SFT's model is the policy and reference of DPO and PPO
-    (both start from it: they are alternatives); the reward model is PPO's reward and its critic's start."""
+    """Which stages run, in order: any of sft, rm, dpo, ppo, grpo. SFT's model is the policy and reference of DPO, PPO
+    and GRPO (all start from it: they are alternatives); the reward model is PPO's reward and its critic's start, and
+    GRPO's reward when its recipe names none."""
     sft: StageSpec = field(default_factory=StageSpec)
     """Instruction SFT."""
     rm: StageSpec = field(default_factory=StageSpec)
@@ -826,22 +969,25 @@ class PipelineConfig:
     """DPO (or a variant)."""
     ppo: StageSpec = field(default_factory=StageSpec)
     """PPO."""
+    grpo: StageSpec = field(default_factory=StageSpec)
+    """GRPO or another group-baseline method (align.grpo): from SFT's model, with its recipe's reward (a rule or
+    function) or, when it names none, the rm stage's reward model."""
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation of each trained policy (dpo, ppo; sft when it is the last policy stage) against the baseline: the
     SFT model, or the policy stages' starting model without SFT. The reward model is the rm stage's unless set."""
 
     def _check(self, at: str) -> None:
         if not self.stages:
-            raise ConfigError("stages: name at least one of sft, rm, dpo, ppo")
+            raise ConfigError("stages: name at least one of sft, rm, dpo, ppo, grpo")
         for name in self.stages:
-            one_of("stages", name, ("sft", "rm", "dpo", "ppo"))
+            one_of("stages", name, ("sft", "rm", "dpo", "ppo", "grpo"))
         if len(set(self.stages)) != len(self.stages):
             raise ConfigError(f"stages: {self.stages} names a stage twice")
         order = {name: i for i, name in enumerate(self.stages)}
-        for later, earlier in (("dpo", "sft"), ("ppo", "sft"), ("ppo", "rm")):
+        for later, earlier in (("dpo", "sft"), ("ppo", "sft"), ("ppo", "rm"), ("grpo", "sft"), ("grpo", "rm")):
             if later in order and earlier in order and order[earlier] > order[later]:
                 raise ConfigError(f"stages: {earlier} feeds {later}, so it must come first; got {self.stages}")
-        for name in ("sft", "rm", "dpo", "ppo"):
+        for name in ("sft", "rm", "dpo", "ppo", "grpo"):
             spec = getattr(self, name)
             if name not in self.stages and (spec.recipe or spec.overrides):
                 raise ConfigError(f"{name}: settings for a stage that is not in stages={self.stages}")
@@ -851,7 +997,7 @@ class PipelineConfig:
 
 
 # Stage name -> config class. A recipe file named `<stage>*.yaml` is validated against its stage's class.
-STAGES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig}
+STAGES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig, "grpo": GRPOConfig}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -953,7 +1099,13 @@ def stage_of_recipe(path: str | Path) -> str | None:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The string literal under each field of a dataclass, by field name."""
+    """The string literal under each field of a dataclass, by field name (a subclass's own over its bases')."""
+    bases = [b for b in cls.__mro__[1:] if dataclasses.is_dataclass(b)]
+    docs = {k: v for base in reversed(bases) for k, v in _own_field_docs(base).items()}
+    return {**docs, **_own_field_docs(cls)}
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .formats import DataError, Message, Origin, SFTExample
+from .formats import DataError, Message, Origin, PromptExample, SFTExample
 
 log = logging.getLogger("align")
 IGNORE = -100  # label of a token that carries no loss (the value torch's cross_entropy ignores)
@@ -648,3 +648,38 @@ def tokenize_pairs(examples: Sequence, tokenizer, template: str, max_length: int
 def collate_pairs(pairs: Sequence[TokenizedPair], padding_free: bool, pad_token_id: int) -> TokenBatch:
     """Chosen and rejected of every pair in ONE batch (one forward): sequences [c_1..c_B, r_1..r_B]."""
     return collate([p.chosen for p in pairs] + [p.rejected for p in pairs], padding_free, pad_token_id)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Prompts for online RL (align.ppo, align.grpo) and evaluation
+
+
+@dataclass
+class Prompt:
+    messages: list[dict]  # what the reward model sees (re-templated with its own tokenizer)
+    ids: list[int]  # what the policy sees: the prompt rendered with its generation prompt
+    origin: Optional[Origin] = None
+
+
+def tokenize_prompts(examples: Sequence[PromptExample], tokenizer, template: str, max_length: int,
+                     truncation: str) -> tuple[list[Prompt], TruncationStats]:
+    stats = TruncationStats(truncation, max_length, total=len(examples))
+    out = []
+    for ex in examples:
+        if template == "chat":
+            ids = prompt_ids(tokenizer, ex.prompt)
+        else:
+            ids = tokenizer(plain_text(ex.prompt) + "\n\nAssistant:")["input_ids"]
+        if len(ids) > max_length:
+            stats.too_long += 1
+            if truncation == "error":
+                raise DataError(f"{ex.origin}: the prompt is {len(ids)} tokens, longer than "
+                                f"data.max_prompt_length={max_length} (data.truncation=error; or drop, or left)")
+            if truncation == "drop":
+                stats.dropped["prompt longer than max_prompt_length"] += 1
+                continue
+            ids = ids[-max_length:]
+        out.append(Prompt(ex.prompt, ids, ex.origin))
+    if not out:
+        raise DataError(f"no usable prompts: {stats.summary()}")
+    return out, stats

@@ -122,15 +122,10 @@ def _reference_forward_settings(cfg: DPOConfig, model, accelerator) -> dict:
 def reference_network(cfg: DPOConfig, policy):
     """The network whose log-probs are the reference: a separate model when `reference` is set; else the policy
     itself, as it is before any update (with adapters disabled under LoRA)."""
-    if cfg.reference is not None:
-        ref = models.load_causal_lm(cfg.reference, LoraConfig(), cfg.seed)
+    frozen = models.load_causal_lm(cfg.reference, LoraConfig(), cfg.seed) if cfg.reference is not None else None
+    with models.reference_view(policy, frozen) as ref:
         yield ref
-        del ref
-    elif models.is_peft(policy):
-        with policy.disable_adapter():
-            yield policy
-    else:
-        yield policy
+    del frozen
 
 
 def reference_logps(cfg: DPOConfig, policy, sets: dict[str, list[data.TokenizedPair]], accelerator, pad_id: int

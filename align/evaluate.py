@@ -47,9 +47,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from . import data, formats, models, rollout, train
+from . import data, formats, models, rewards, rollout, train
 from .config import AlignError, ConfigError, EvalConfig, load_config, to_yaml
-from .ppo import Prompt, decode, load_reward, policy_and_reference_logprobs, score, tokenize_prompts
+from .rewards import load_reward, score
 
 log = logging.getLogger("align")
 
@@ -188,15 +188,15 @@ class Samples:
         return [len(r) for r in self.rollout.response_ids]
 
 
-def load_prompts(cfg: EvalConfig, tokenizer) -> tuple[list[Prompt], dict]:
+def load_prompts(cfg: EvalConfig, tokenizer) -> tuple[list[data.Prompt], dict]:
     examples = formats.load_examples(cfg.prompts, "prompt")
     template = data.resolve_policy_template(tokenizer, cfg.template)
-    prompts, stats = tokenize_prompts(examples, tokenizer, template, cfg.max_prompt_length, "drop")
+    prompts, stats = data.tokenize_prompts(examples, tokenizer, template, cfg.max_prompt_length, "drop")
     log.info("evaluation prompts: %d from %s; %s", len(prompts), cfg.prompts.path, stats.summary())
     return prompts, {"template": template, "prompts": stats.as_dict(), "skipped_records": examples.skipped}
 
 
-def sample_and_score(model, tokenizer, prompts: list[Prompt], reward, cfg: EvalConfig, accelerator) -> Samples:
+def sample_and_score(model, tokenizer, prompts: list[data.Prompt], reward, cfg: EvalConfig, accelerator) -> Samples:
     """Responses of `model` (this process's prompts), drawn after seeding with cfg.seed: two policies sampled with
     the same settings consume the same random stream (hf: batch by batch; vllm: prompt by prompt). Training's RNG
     state is left untouched."""
@@ -208,13 +208,13 @@ def sample_and_score(model, tokenizer, prompts: list[Prompt], reward, cfg: EvalC
             ro = rollout.generate_seeded(engine, [p.ids for p in prompts], sampling, seed, accelerator.device)
     finally:
         engine.close()  # a vLLM engine's memory goes back before the next policy's is built
-    texts = decode(tokenizer, ro)
+    texts = rollout.decode(tokenizer, ro)
     return Samples(ro, texts, score(reward, prompts, texts, accelerator))
 
 
 def sequence_kl(candidate, baseline, samples: Samples, cfg: EvalConfig, pad_id: int, accelerator) -> torch.Tensor:
     """Per response [n]: sum over its tokens of log pi_candidate - log pi_baseline (k1; KL in expectation)."""
-    logps, base_logps = policy_and_reference_logprobs(candidate, baseline, samples.rollout, cfg.micro_batch_size,
+    logps, base_logps = models.policy_and_reference_logprobs(candidate, baseline, samples.rollout, cfg.micro_batch_size,
                                                       cfg.temperature, pad_id, accelerator)
     per_token = (logps - base_logps).cpu()
     return torch.tensor([piece.sum().item() for piece in torch.split(per_token, samples.lengths)])
@@ -335,7 +335,7 @@ def main(cfg: EvalConfig, baseline_cache: Optional[dict] = None, accelerator=Non
                         [r["stopped_baseline"] for r in rows], cfg.tie_margin,
                         [r["candidate"] == r["baseline"] for r in rows])
     summary.update({"policy": cfg.policy, "baseline": cfg.baseline,
-                    "judge": cfg.reward.model or f"rule:{cfg.reward.rule}", "data": data_report,
+                    "judge": rewards.describe(cfg.reward), "data": data_report,
                     "precision": train.resolve_precision(cfg.precision).as_dict(),
                     "sampling": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
                                  "top_p": cfg.top_p, "seed": cfg.seed, "engine": cfg.engine}})

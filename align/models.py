@@ -8,6 +8,7 @@ Model locations (`model.name_or_path`):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import inspect
@@ -16,10 +17,11 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
+from . import data, losses
 from .config import ConfigError, LoraConfig, ModelConfig
 
 log = logging.getLogger("align")
@@ -536,3 +538,68 @@ def load_trained_weights(model, folder: Path) -> None:
                            f"unexpected {unexpected[:3]}")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+
+
+@contextlib.contextmanager
+def reference_view(policy, frozen=None):
+    """The network whose log-probs are the reference: `frozen` when there is one (a separate model, or a copy of the
+    initial weights); else the policy with its adapters disabled (LoRA: the base is the initial model); else the
+    policy itself, which must not have been updated yet (DPO's reference pass before training)."""
+    if frozen is not None:
+        yield frozen
+    elif is_peft(policy):
+        with policy.disable_adapter():
+            yield policy
+    else:
+        yield policy
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Teacher-forced forwards of sampled responses on packed rows (PPO, GRPO, evaluation)
+
+
+def sequences(ro, ids: Sequence[int]) -> list[data.Tokenized]:
+    """prompt + response, targets on the response tokens."""
+    return [data.Tokenized(ro.prompt_ids[i] + ro.response_ids[i],
+                           [False] * len(ro.prompt_ids[i]) + [True] * len(ro.response_ids[i])) for i in ids]
+
+
+def response_logprobs(model, seqs: list[data.Tokenized], temperature: float, pad_id: int, device,
+                      entropy: Optional[str] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """log pi(a_t | s_t) of every response token [K] (sequence by sequence), under softmax(logits / T), and the
+    per-token entropy [K] when asked: "grad" (it is in the loss) or "metric" (no backward through a second
+    full-vocabulary softmax)."""
+    batch = data.collate(seqs, padding_free=True, pad_token_id=pad_id).to(device)
+    logits = logits_at(model, batch).float() / temperature
+    logps = losses.token_logprobs(logits, batch.targets)
+    if entropy is None:
+        return logps, None
+    with torch.set_grad_enabled(entropy == "grad" and torch.is_grad_enabled()):
+        return logps, losses.entropy_from_logits(logits if entropy == "grad" else logits.detach())
+
+
+@torch.no_grad()
+def policy_and_reference_logprobs(policy, frozen_ref, ro, micro_batch_size: int,
+                                  temperature: float, pad_id: int, accelerator, with_reference: bool = True
+                                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """log pi and log pi_ref of every response token of a rollout [K] each (log pi_ref None without the reference),
+    in micro-batches."""
+    from . import data
+    from .train import evaluating  # train imports this module
+
+    logps, ref_logps = [], []
+    with evaluating(policy, accelerator) as net, accelerator.autocast():
+        for chunk in data.chunks(range(len(ro)), micro_batch_size):
+            seqs = sequences(ro, chunk)
+            logps.append(response_logprobs(net, seqs, temperature, pad_id, accelerator.device)[0])
+            if with_reference:
+                with reference_view(net, frozen_ref) as ref:
+                    ref_logps.append(response_logprobs(ref, seqs, temperature, pad_id, accelerator.device)[0])
+    return torch.cat(logps), (torch.cat(ref_logps) if with_reference else None)
+
+
+def response_values(critic, seqs: list[data.Tokenized], pad_id: int, device) -> torch.Tensor:
+    """V(s_t) at every response token [K]: the value head read where token t is predicted."""
+    batch = data.collate(seqs, padding_free=True, pad_token_id=pad_id).to(device)
+    out = critic(**batch.model_inputs()).logits.squeeze(-1)  # [1, N]
+    return out[batch.predict_mask].float()

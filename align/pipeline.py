@@ -57,7 +57,7 @@ from .config import (
 from .evaluate import show
 
 log = logging.getLogger("align")
-POLICY_STAGES = ("sft", "dpo", "ppo")
+POLICY_STAGES = ("sft", "dpo", "ppo", "grpo")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -101,12 +101,15 @@ def plan(cfg: PipelineConfig, where: str, num_processes: int = 1) -> list[Stage]
         inputs = []
         if name == "sft":
             wired["save_merged"] = True
-        if name in ("dpo", "ppo") and "sft" in built:
+        if name in ("dpo", "ppo", "grpo") and "sft" in built:
             wired["model"] = {"name_or_path": policy_output(built["sft"]), "gguf_file": None, "init": "pretrained"}
             inputs.append("sft")
-        if name == "ppo" and "rm" in built:
-            # The recipe's reward (a rule, or another model) gives way to the trained reward model; its other
-            # settings (max_length) stay.
+        theirs = {**(recipe.get("reward") or {}), **(spec.overrides.get("reward") or {})}
+        own_reward = any(theirs.get(k) for k in ("rule", "model", "function", "terms"))
+        if name == "ppo" and "rm" in built or name == "grpo" and "rm" in built and not own_reward:
+            # PPO: the recipe's reward (a rule, or another model) gives way to the trained reward model; its other
+            # settings (max_length) stay. GRPO keeps a reward its recipe names (a rule checks answers better than a
+            # reward model) and takes the rm stage's model otherwise.
             theirs = recipe.get("reward") or {}
             if theirs.get("rule") or theirs.get("model"):
                 log.info("stage ppo: the recipe's reward (%s) gives way to the rm stage's reward model",
@@ -115,7 +118,8 @@ def plan(cfg: PipelineConfig, where: str, num_processes: int = 1) -> list[Stage]
             wired["reward"] = {"model": str(Path(built["rm"].output_dir) / "model"), "rule": None}
             inputs.append("rm")
         built[name] = load_config(STAGES[name], layers=[recipe, wired, spec.overrides], where=stage_where)
-        check_stage(name, built[name], num_processes, stage_where, feeds=[n for n in ("dpo", "ppo") if n in cfg.stages])
+        feeds = [n for n in ("dpo", "ppo", "grpo") if n in cfg.stages]
+        check_stage(name, built[name], num_processes, stage_where, feeds=feeds)
         stages.append(Stage(name, built[name], inputs))
     return stages
 
@@ -125,10 +129,10 @@ def check_stage(name: str, cfg: Any, num_processes: int, where: str, feeds: list
     the processes, and SFT must leave a merged model for the stages that start from it."""
     try:
         train.check_batch_split(cfg.train, num_processes)
-        if name == "ppo":
-            mini = cfg.ppo.mini_batch_size or cfg.train.batch_size
+        if name in ("ppo", "grpo"):
+            mini = cfg.algorithm.mini_batch_size or cfg.train.batch_size * cfg.rollout.n
             if mini % (num_processes * cfg.train.micro_batch_size):
-                raise ConfigError(f"ppo.mini_batch_size={mini} is not a multiple of train.micro_batch_size x "
+                raise ConfigError(f"algorithm.mini_batch_size={mini} is not a multiple of train.micro_batch_size x "
                                   f"processes = {cfg.train.micro_batch_size} x {num_processes}")
         if name == "sft" and cfg.lora.enabled and not cfg.save_merged and feeds:
             raise ConfigError(f"save_merged=false: {' and '.join(feeds)} start from SFT's merged model")
@@ -139,7 +143,7 @@ def check_stage(name: str, cfg: Any, num_processes: int, where: str, feeds: list
 def stage_main(name: str):
     from . import dpo, ppo, rm, sft
 
-    return {"sft": sft.main, "rm": rm.main, "dpo": dpo.main, "ppo": ppo.main}[name]
+    return {"sft": sft.main, "rm": rm.main, "dpo": dpo.main, "ppo": ppo.main, "grpo": ppo.main}[name]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -297,13 +301,13 @@ def evaluation_plan(cfg: PipelineConfig, stages: list[Stage]) -> tuple[list[tupl
     reward = ev.reward
     if reward is None and "rm" in by_name:
         reward = RewardConfig(model=str(by_name["rm"].folder / "model"))
-    elif reward is None and "ppo" in by_name:
-        reward = by_name["ppo"].cfg.reward
+    elif reward is None and ("ppo" in by_name or "grpo" in by_name):
+        reward = by_name["ppo" if "ppo" in by_name else "grpo"].cfg.reward
     if reward is None:
-        return [], "no judge: no rm stage, no ppo reward and no evaluate.reward"
-    candidates = [name for name in ("dpo", "ppo") if name in by_name] or [n for n in ("sft",) if n in by_name]
+        return [], "no judge: no rm stage, no ppo or grpo reward and no evaluate.reward"
+    candidates = [n for n in ("dpo", "ppo", "grpo") if n in by_name] or [n for n in ("sft",) if n in by_name]
     if not candidates:
-        return [], "no policy stage (sft, dpo, ppo) to evaluate"
+        return [], "no policy stage (sft, dpo, ppo, grpo) to evaluate"
     out = []
     for name in candidates:
         baseline = ev.baseline
@@ -373,6 +377,8 @@ CURVES = {
             ("rewards/margin/train", "implicit reward margin")],
     "ppo": [("reward/score", "reward (rollouts)"), ("kl/ref", "KL to the reference"),
             ("response/length", "response length (tokens)")],
+    "grpo": [("reward/score", "reward (rollouts)"), ("kl/ref", "KL to the reference"),
+             ("response/length", "response length (tokens)")],
 }
 
 
@@ -389,7 +395,7 @@ def plot_curves(name: str, rows: list[dict], path: Path) -> bool:
     for ax, (key, title) in zip(axes, curves):
         points = [(r["step"], r[key]) for r in rows if key in r]
         ax.plot(*zip(*points), marker="o" if len(points) < 8 else None, ms=4)
-        ax.set(title=title, xlabel="step" if name != "ppo" else "iteration")
+        ax.set(title=title, xlabel="iteration" if name in ("ppo", "grpo") else "step")
         ax.grid(alpha=0.3)
     fig.suptitle(name)
     fig.tight_layout()

@@ -1,23 +1,30 @@
-"""RLHF with PPO and a critic: sample responses, score them, penalise drift from the reference, improve the policy.
+"""Online RL on one loop: PPO with a critic, and the group-baseline family (GRPO, Dr.GRPO, DAPO, GSPO, RLOO,
+REINFORCE++) without one. Sample responses, score them, estimate advantages, improve the policy.
 
-    python -m align.ppo recipes/smollm2-135m/ppo_hh.yaml [key=value ...]
+    python -m align.ppo  recipes/smollm2-135m/ppo_hh.yaml [key=value ...]
+    python -m align.grpo recipes/smollm2-135m/grpo_gsm8k.yaml [key=value ...]   # this loop, GRPO's defaults
     accelerate launch --num_processes 2 -m align.ppo RECIPE.yaml
 
-Follows Ziegler et al. 2019 ("Fine-tuning language models from human preferences") and InstructGPT (Ouyang et al.
-2022): PPO (Schulman et al. 2017) on the per-token reward r_t = -beta KL_t, plus the reward model's score at the last
-token, with GAE (Schulman et al. 2016) against a learned value model. The maths is in align/losses.py.
+PPO follows Ziegler et al. 2019 and InstructGPT (Ouyang et al. 2022): PPO (Schulman et al. 2017) on the per-token
+reward r_t = -beta KL_t, plus the score at the last token, with GAE against a learned value model. The group family
+replaces the critic with a baseline from rollout.n responses to the same prompt: GRPO (Shao et al. 2024), Dr.GRPO
+(Liu et al. 2025), DAPO (Yu et al. 2025: clip-higher, dynamic sampling, token-mean loss, overlong shaping), GSPO
+(Zheng et al. 2025: a sequence-level ratio), RLOO (Ahmadian et al. 2024), REINFORCE++ (Hu 2025). The maths is in
+align/losses.py; `algorithm.*` picks the pieces (align/config.py: AlgorithmConfig).
 
-One iteration (`train.batch_size` prompts), in numbered phases:
-    1 rollout     the engine samples a response per prompt (align/rollout.py: hf generate, or vLLM)
-    2 score       decode, re-template for the reward model (its own tokenizer), score; or a programmatic rule
+One iteration (`train.batch_size` prompts, `rollout.n` responses each), in numbered phases:
+    1 rollout     the engine samples n responses per prompt (align/rollout.py: hf generate, or vLLM); a group stays
+                  on one process
+    2 score       the reward (align/rewards.py: a reward model, rules, your functions, weighted); length shaping;
+                  dynamic sampling repeats 1-2 until the batch holds enough groups whose rewards differ
     3 forwards    log-probs of the sampled tokens under the policy (old_logprobs) and the reference (ref_logprobs),
                   and the critic's values, teacher-forced on packed padding-free rows
-    4 advantages  KL-shaped per-token rewards, GAE, whitening
-    5 update      ppo.ppo_epochs passes of minibatch PPO steps on policy and critic (early stop on approx-KL)
+    4 advantages  GAE on KL-shaped rewards (gae), a group baseline (grpo, rloo), or REINFORCE++ returns
+    5 update      algorithm.ppo_epochs passes of minibatch clipped-ratio steps (and the critic's, with gae)
     6 log, sync   metrics; the rollout engine gets the new weights; checkpoint
 
-A rollout batch lives as [B, T] tensors (B responses, T the longest; response_mask marks each response's tokens);
-forwards pack the B sequences into one row and read logits only where a response token is predicted.
+A rollout batch lives as [B, T] tensors (B responses, T the longest; response_mask marks each response's tokens):
+see `Batch`. Forwards pack the B sequences into one row and read logits only where a response token is predicted.
 """
 
 from __future__ import annotations
@@ -27,76 +34,21 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from dataclasses import replace as dataclass_replace
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from . import data, formats, losses, models, rollout, train
-from .config import ConfigError, LoraConfig, ModelConfig, PPOConfig, RewardConfig, run_cli
-from .formats import DataError
+from . import data, formats, losses, models, rewards, rollout, train
+from .config import AlignError, ConfigError, GRPOConfig, LoraConfig, ModelConfig, PPOConfig, run_cli
+from .rewards import load_reward, score, score_terms
 
 log = logging.getLogger("align")
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Prompts
-
-
-@dataclass
-class Prompt:
-    messages: list[dict]  # what the reward model sees (re-templated with its own tokenizer)
-    ids: list[int]  # what the policy sees: the prompt rendered with its generation prompt
-    origin: Optional[formats.Origin] = None
-
-
-def tokenize_prompts(examples: Sequence[formats.PromptExample], tokenizer, template: str, max_length: int,
-                     truncation: str) -> tuple[list[Prompt], data.TruncationStats]:
-    stats = data.TruncationStats(truncation, max_length, total=len(examples))
-    out = []
-    for ex in examples:
-        if template == "chat":
-            ids = data.prompt_ids(tokenizer, ex.prompt)
-        else:
-            ids = tokenizer(data.plain_text(ex.prompt) + "\n\nAssistant:")["input_ids"]
-        if len(ids) > max_length:
-            stats.too_long += 1
-            if truncation == "error":
-                raise DataError(f"{ex.origin}: the prompt is {len(ids)} tokens, longer than "
-                                f"data.max_prompt_length={max_length} (data.truncation=error; or drop, or left)")
-            if truncation == "drop":
-                stats.dropped["prompt longer than max_prompt_length"] += 1
-                continue
-            ids = ids[-max_length:]
-        out.append(Prompt(ex.prompt, ids, ex.origin))
-    if not out:
-        raise DataError(f"no usable prompts: {stats.summary()}")
-    return out, stats
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Models: reward, critic, reference
-
-
-def load_reward(cfg: RewardConfig, device, at: str = "reward"):
-    """An object with score(prompts, responses) -> [n] float32: a reward-model folder or a rule."""
-    if cfg.rule is not None:
-        from reward_models.rules import load_rule
-
-        try:
-            return load_rule(cfg.rule, **cfg.rule_args)
-        except (ValueError, TypeError, OSError) as err:
-            raise ConfigError(f"{at}.rule={cfg.rule}: {err}") from None
-    from reward_models.model import RewardScorer
-
-    folder = Path(models.resolve(cfg.model))
-    if not (folder / "config.json").is_file():
-        raise ConfigError(f"{at}.model={cfg.model}: no reward model there ({folder / 'config.json'} not "
-                          f"found); train one with `python -m align.rm RECIPE.yaml` or name a sequence-classification "
-                          f"model folder")
-    return RewardScorer(folder, device=str(device), max_length=cfg.max_length)
 
 
 def _reward_critic_problem(folder: str, tokenizer) -> Optional[str]:
@@ -143,89 +95,22 @@ def load_critic(cfg: PPOConfig, policy_location: str, tokenizer):
     return critic, source
 
 
-@contextlib.contextmanager
-def reference_network(policy, frozen):
-    """The reference: a frozen model, or the policy with its adapters disabled (LoRA)."""
-    if frozen is not None:
-        yield frozen
-    else:
-        with policy.disable_adapter():
-            yield policy
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Teacher-forced forwards on packed rows
-
-
-def sequences(ro: rollout.Rollout, ids: Sequence[int]) -> list[data.Tokenized]:
-    """prompt + response, targets on the response tokens."""
-    return [data.Tokenized(ro.prompt_ids[i] + ro.response_ids[i],
-                           [False] * len(ro.prompt_ids[i]) + [True] * len(ro.response_ids[i])) for i in ids]
-
-
-def response_logprobs(model, seqs: list[data.Tokenized], temperature: float, pad_id: int, device,
-                      entropy: Optional[str] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """log pi(a_t | s_t) of every response token [K] (sequence by sequence), under softmax(logits / T), and the
-    per-token entropy [K] when asked: "grad" (it is in the loss) or "metric" (no backward through a second
-    full-vocabulary softmax)."""
-    batch = data.collate(seqs, padding_free=True, pad_token_id=pad_id).to(device)
-    logits = models.logits_at(model, batch).float() / temperature
-    logps = losses.token_logprobs(logits, batch.targets)
-    if entropy is None:
-        return logps, None
-    with torch.set_grad_enabled(entropy == "grad" and torch.is_grad_enabled()):
-        return logps, losses.entropy_from_logits(logits if entropy == "grad" else logits.detach())
-
-
-@torch.no_grad()
-def policy_and_reference_logprobs(policy, frozen_ref, ro: rollout.Rollout, micro_batch_size: int,
-                                  temperature: float, pad_id: int, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi and log pi_ref of every response token of a rollout [K] each, in micro-batches."""
-    logps, ref_logps = [], []
-    with train.evaluating(policy, accelerator) as net, accelerator.autocast():
-        for chunk in data.chunks(range(len(ro)), micro_batch_size):
-            seqs = sequences(ro, chunk)
-            logps.append(response_logprobs(net, seqs, temperature, pad_id, accelerator.device)[0])
-            with reference_network(net, frozen_ref) as ref:
-                ref_logps.append(response_logprobs(ref, seqs, temperature, pad_id, accelerator.device)[0])
-    return torch.cat(logps), torch.cat(ref_logps)
-
-
-def response_values(critic, seqs: list[data.Tokenized], pad_id: int, device) -> torch.Tensor:
-    """V(s_t) at every response token [K]: the value head read where token t is predicted."""
-    batch = data.collate(seqs, padding_free=True, pad_token_id=pad_id).to(device)
-    out = critic(**batch.model_inputs()).logits.squeeze(-1)  # [1, N]
-    return out[batch.predict_mask].float()
-
-
-def to_rows(flat: torch.Tensor, lengths: Sequence[int], width: int) -> torch.Tensor:
-    """[K] concatenated per-sequence values -> [B, width], zero after each sequence's end."""
-    out = flat.new_zeros(len(lengths), width)
-    for row, piece in enumerate(torch.split(flat, list(lengths))):
-        out[row, : len(piece)] = piece
-    return out
-
-
-def from_rows(rows: torch.Tensor, ids: Sequence[int], lengths: Sequence[int]) -> torch.Tensor:
-    """The inverse of to_rows for the rows `ids`: [K]."""
-    return torch.cat([rows[i, : lengths[i]] for i in ids])
-
-
-def whole_batch(ro: rollout.Rollout, lengths: list[int], rows: list[torch.Tensor], accelerator):
+def whole_batch(ro: rollout.Rollout, lengths: list[int], rows: dict[str, torch.Tensor], accelerator):
     """The iteration's rollout and per-token rows of every process, on every process, in global order (process 0's
     rows first, as data.shard dealt them). One process: as given."""
     if accelerator.num_processes == 1:
         return ro, lengths, rows
     from accelerate.utils import gather_object
 
-    mine = [(ro.prompt_ids[i], ro.response_ids[i], [r[i, : lengths[i]].tolist() for r in rows]) for i in range(len(ro))]
+    names = list(rows)
+    mine = [(ro.prompt_ids[i], ro.response_ids[i], [rows[k][i, : lengths[i]].tolist() for k in names])
+            for i in range(len(ro))]
     everyone = gather_object(mine)
     all_lengths = [len(response) for _, response, _ in everyone]
     width = max(all_lengths)
     whole = rollout.Rollout([p for p, _, _ in everyone], [r for _, r, _ in everyone], [], [], ro.policy_version)
-    device = rows[0].device
-    gathered = [to_rows(torch.tensor([x for _, _, parts in everyone for x in parts[k]], dtype=rows[k].dtype),
-                        all_lengths, width).to(device) for k in range(len(rows))]
+    gathered = {k: rollout.to_rows(torch.tensor([x for _, _, parts in everyone for x in parts[j]], dtype=rows[k].dtype),
+                           all_lengths, width).to(rows[k].device) for j, k in enumerate(names)}
     return whole, all_lengths, gathered
 
 
@@ -237,7 +122,7 @@ class KLController:
     """beta of the KL penalty: fixed, or adapted toward a target KL (Ziegler et al. 2019)."""
 
     def __init__(self, cfg: PPOConfig):
-        self.coef, self.cfg = cfg.ppo.kl_coef, cfg.ppo
+        self.coef, self.cfg = cfg.algorithm.kl_coef, cfg.algorithm
 
     def update(self, observed_kl: float, n_responses: int) -> None:
         if self.cfg.adaptive_kl:
@@ -275,18 +160,8 @@ class RunningMoments:
 # Scoring and held-out evaluation
 
 
-def decode(tokenizer, ro: rollout.Rollout) -> list[str]:
-    return [tokenizer.decode(r, skip_special_tokens=True).strip() for r in ro.response_ids]
-
-
-def score(reward, prompts: Sequence[Prompt], texts: Sequence[str], accelerator) -> torch.Tensor:
-    """[n] float32 rewards; a reward model scores under the run's autocast precision, like the policy."""
-    with accelerator.autocast():
-        return reward.score([p.messages for p in prompts], list(texts)).float()
-
-
 @torch.no_grad()
-def evaluate(cfg: PPOConfig, policy, frozen_ref, engine, reward, prompts: list[Prompt], tokenizer, accelerator,
+def evaluate(cfg: PPOConfig, policy, frozen_ref, engine, reward, prompts: list[data.Prompt], tokenizer, accelerator,
              sampling: rollout.Sampling) -> dict:
     """Mean reward, KL to the reference (summed k1 per response), response length and EOS rate on held-out prompts,
     each sampled with its own fixed seed (with hf, the same random draws before and after training, under any number
@@ -297,8 +172,8 @@ def evaluate(cfg: PPOConfig, policy, frozen_ref, engine, reward, prompts: list[P
     sums = torch.zeros(5)
     if mine:  # each prompt drawn with its own seed: the same responses however the prompts are dealt out
         ro = engine.generate([p.ids for p in mine], sampling, rollout.row_seeds(cfg.seed, "held-out", positions))
-        scores = score(reward, mine, decode(tokenizer, ro), accelerator)
-        logps, ref_logps = policy_and_reference_logprobs(policy, frozen_ref, ro, cfg.train.micro_batch_size,
+        scores = score(reward, mine, rollout.decode(tokenizer, ro), accelerator)
+        logps, ref_logps = models.policy_and_reference_logprobs(policy, frozen_ref, ro, cfg.train.micro_batch_size,
                                                          sampling.temperature, tokenizer.pad_token_id, accelerator)
         lengths = torch.tensor([len(r) for r in ro.response_ids])
         kl = losses.sequence_logprobs(logps - ref_logps, lengths.to(logps.device)).cpu()
@@ -311,16 +186,324 @@ def evaluate(cfg: PPOConfig, policy, frozen_ref, engine, reward, prompts: list[P
 
 
 # --------------------------------------------------------------------------------------------------------------
+# One iteration's batch and its phases
+
+
+@dataclass
+class Batch:
+    """One iteration's responses on this process, as rows: B = prompts x rollout.n, a group's n responses next to
+    each other; T the longest response; every [B, T] tensor is zero past its response's end."""
+
+    ro: rollout.Rollout
+    prompts: list[data.Prompt]  # B: each response's prompt
+    lengths: list[int]  # B: response lengths in tokens
+    response_mask: torch.Tensor  # [B, T] 1.0 on response tokens
+    raw_scores: torch.Tensor  # [B] the reward as scored (the weighted sum of its terms)
+    scores: torch.Tensor  # [B] after shaping: missing-EOS and overlong penalties, normalisation, clip
+    terms: dict[str, torch.Tensor]  # name -> [B] each reward term, unweighted
+    dropped_groups: int = 0  # dynamic sampling: groups whose rewards were all equal
+    rounds: int = 1  # generation rounds it took
+    seconds: dict = field(default_factory=dict)  # rollout, score: time spent in phases 1 and 2
+    old_logprobs: Optional[torch.Tensor] = None  # [B, T] log pi_old (the policy that sampled), teacher-forced
+    ref_logprobs: Optional[torch.Tensor] = None  # [B, T] log pi_ref (None: algorithm.kl_penalty=none)
+    engine_logprobs: Optional[torch.Tensor] = None  # [B, T] the engine's sampling log-probs
+    values: Optional[torch.Tensor] = None  # [B, T] V(s_t) (None without a critic)
+    kl: Optional[torch.Tensor] = None  # [B, T] the KL estimate of pi_old to pi_ref per token
+    rewards: Optional[torch.Tensor] = None  # [B, T] per-token rewards (gae, reinforce_pp*)
+    advantages: Optional[torch.Tensor] = None  # [B, T]
+    returns: Optional[torch.Tensor] = None  # [B, T] the critic's targets (gae)
+
+
+def take(ro: rollout.Rollout, rows: Sequence[int]) -> rollout.Rollout:
+    return rollout.Rollout([ro.prompt_ids[i] for i in rows], [ro.response_ids[i] for i in rows],
+                           [ro.logprobs[i] for i in rows], [ro.finish_reason[i] for i in rows], ro.policy_version,
+                           ro.seconds)
+
+
+def joined(parts: Sequence[rollout.Rollout]) -> rollout.Rollout:
+    return rollout.Rollout([x for r in parts for x in r.prompt_ids], [x for r in parts for x in r.response_ids],
+                           [x for r in parts for x in r.logprobs], [x for r in parts for x in r.finish_reason],
+                           parts[0].policy_version, sum(r.seconds for r in parts))
+
+
+def round_prompts(cfg: PPOConfig, sampler: data.StepSampler, num_prompts: int, step: int, round_: int) -> list[int]:
+    """The prompts (data indices) of generation round `round_` of iteration `step`: the sampler's batch first, then
+    (dynamic sampling) seeded draws from all prompts; a pure function of (seed, step, round): a resume redraws them."""
+    if round_ == 0:
+        return sampler.indices(step)
+    seed = rollout.row_seeds(cfg.seed, f"resample/{step}", [round_])[0]
+    return torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed))[: cfg.train.batch_size].tolist()
+
+
+def shaped_scores(cfg: PPOConfig, raw: torch.Tensor, ro: rollout.Rollout) -> torch.Tensor:
+    """The score less the missing-EOS penalty and DAPO's overlong penalty [B]."""
+    algo, out = cfg.algorithm, raw.clone()
+    if algo.missing_eos_penalty is not None:
+        out -= algo.missing_eos_penalty * (~ro.stopped).float().to(out.device)
+    if algo.overlong_buffer is not None:
+        lengths = torch.tensor([len(r) for r in ro.response_ids], device=out.device)
+        out += losses.overlong_penalty(lengths, cfg.rollout.max_new_tokens, algo.overlong_buffer,
+                                       algo.overlong_penalty)
+    return out
+
+
+def sample_and_score(cfg: PPOConfig, step: int, engine, sampling, reward, prompts: list[data.Prompt], sampler,
+                     tokenizer, accelerator, run) -> Batch:
+    """Phases 1 and 2: n responses per prompt of this process's share, scored. With dynamic sampling, groups whose
+    scores are all equal are dropped and more prompts sampled (every process generates in every round, so sharded
+    models stay in step) until each process holds its share of train.batch_size groups."""
+    algo, n, device = cfg.algorithm, cfg.rollout.n, accelerator.device
+    positions = data.shard(range(cfg.train.batch_size), accelerator.process_index, accelerator.num_processes)
+    need, dropped = len(positions), 0
+    kept: list[tuple[rollout.Rollout, list[data.Prompt], torch.Tensor, torch.Tensor, dict]] = []
+    rounds = algo.max_sampling_rounds if algo.dynamic_sampling else 1
+    seconds = {"rollout": 0.0, "score": 0.0}
+    for round_ in range(rounds):
+        t0 = time.perf_counter()
+        # ---- 1 rollout: n responses per prompt (hf: each row drawn with its own seed, the same under any split)
+        chosen = round_prompts(cfg, sampler, len(prompts), step, round_)
+        batch_prompts = [prompts[chosen[p]] for p in positions for _ in range(n)]
+        key = f"rollout/{step}" if round_ == 0 else f"rollout/{step}/{round_}"
+        ro = engine.generate([p.ids for p in batch_prompts], sampling,
+                             rollout.row_seeds(cfg.seed, key, [p * n + j for p in positions for j in range(n)]))
+        if ro.policy_version != step:
+            raise RuntimeError(f"iteration {step}: the rollout came from policy version {ro.policy_version}, not "
+                               f"{step}: the engine's weights are stale")
+        t1 = time.perf_counter()
+
+        # ---- 2 score: the reward's terms (a reward model re-templates with its own tokenizer), then shaping
+        raw, terms = score_terms(reward, batch_prompts, rollout.decode(tokenizer, ro), accelerator)
+        raw, terms = raw.to(device), {k: v.to(device) for k, v in terms.items()}
+        train.stop_if_not_finite(run, step + 1, {"reward/score": accelerator.reduce(raw.sum(), "sum").item()})
+        shaped = shaped_scores(cfg, raw, ro)
+        groups = list(range(len(positions)))
+        if algo.dynamic_sampling:  # a group whose scores are equal has zero advantage everywhere: no signal
+            per_group = shaped.view(-1, n)
+            informative = (per_group.max(1).values > per_group.min(1).values).tolist()
+            dropped += informative.count(False)
+            groups = [g for g in groups if informative[g]][: need]
+        rows = [g * n + j for g in groups for j in range(n)]
+        kept.append((take(ro, rows), [batch_prompts[i] for i in rows], raw[rows], shaped[rows],
+                     {k: v[rows] for k, v in terms.items()}))
+        need -= len(groups)
+        seconds["rollout"] += t1 - t0
+        seconds["score"] += time.perf_counter() - t1
+        missing = accelerator.reduce(torch.tensor(float(need), device=device), "sum").item()
+        if missing == 0:
+            break
+    else:
+        raise AlignError(f"iteration {step + 1}: dynamic sampling found {cfg.train.batch_size - int(missing)} of "
+                         f"{cfg.train.batch_size} groups whose rewards differ in algorithm.max_sampling_rounds="
+                         f"{algo.max_sampling_rounds} rounds ({dropped} dropped on process {accelerator.process_index}"
+                         f"); the reward gives these prompts too little signal: raise max_sampling_rounds or "
+                         f"rollout.n, or turn dynamic_sampling off")
+    ro = joined([k[0] for k in kept])
+    lengths = [len(r) for r in ro.response_ids]
+    return Batch(ro, [p for k in kept for p in k[1]], lengths, rollout.to_rows(torch.ones(sum(lengths)), lengths,
+                 max(lengths)).to(device), torch.cat([k[2] for k in kept]), torch.cat([k[3] for k in kept]),
+                 {name: torch.cat([k[4][name] for k in kept]) for name in kept[0][4]}, dropped, round_ + 1, seconds)
+
+
+def normalise_scores(cfg: PPOConfig, batch: Batch, moments: "RunningMoments", accelerator) -> None:
+    """Running-moment normalisation and clipping of the scores (after dynamic sampling chose the groups)."""
+    algo = cfg.algorithm
+    if algo.normalize_reward:
+        moments.update(accelerator.gather(batch.scores).cpu())
+        batch.scores = (batch.scores - moments.mean) / max(moments.std, 1e-6)
+    if algo.reward_clip is not None:
+        batch.scores = batch.scores.clamp(-algo.reward_clip, algo.reward_clip)
+
+
+@torch.no_grad()
+def forwards(cfg: PPOConfig, batch: Batch, policy, frozen_ref, critic, temperature: float, pad: int,
+             accelerator) -> None:
+    """Phase 3: old_logprobs and ref_logprobs under the policy and the reference, values under the critic."""
+    ro, lengths, width = batch.ro, batch.lengths, batch.response_mask.shape[1]
+    old_logps, ref_logps = models.policy_and_reference_logprobs(policy, frozen_ref, ro, cfg.train.micro_batch_size,
+                                                         temperature, pad, accelerator,
+                                                         with_reference=cfg.algorithm.kl_penalty != "none")
+    batch.old_logprobs = rollout.to_rows(old_logps, lengths, width)
+    batch.ref_logprobs = None if ref_logps is None else rollout.to_rows(ref_logps, lengths, width)
+    batch.engine_logprobs = rollout.to_rows(torch.tensor([x for lp in ro.logprobs for x in lp]), lengths,
+                                    width).to(accelerator.device)
+    if critic is not None:
+        values = []
+        with accelerator.autocast(), train.evaluating(critic, accelerator) as value_net:
+            for chunk in data.chunks(range(len(ro)), cfg.train.micro_batch_size):
+                values.append(models.response_values(value_net, models.sequences(ro, chunk), pad, accelerator.device))
+        batch.values = rollout.to_rows(torch.cat(values), lengths, width)
+
+
+def estimate_advantages(cfg: PPOConfig, batch: Batch, kl_coef: float) -> None:
+    """Phase 4, on this process's rows (whole groups): per-token KL, rewards, advantages and returns. Whitening over
+    the whole batch follows in `update`."""
+    algo, mask = cfg.algorithm, batch.response_mask
+    if batch.ref_logprobs is not None:
+        batch.kl = losses.kl_penalty(batch.old_logprobs, batch.ref_logprobs, algo.kl_estimator) * mask
+    kl_in_reward = batch.kl if algo.kl_penalty == "reward" else torch.zeros_like(mask)
+    if algo.advantage == "gae":
+        batch.rewards = losses.shaped_rewards(batch.scores, kl_in_reward, mask, kl_coef)
+        batch.advantages, batch.returns = losses.gae(batch.rewards, batch.values, mask, algo.gamma, algo.lam)
+    elif algo.advantage in ("grpo", "rloo"):
+        per_response = losses.group_advantages(batch.scores, cfg.rollout.n, algo.advantage, algo.scale_rewards)
+        batch.advantages = per_response[:, None] * mask
+    else:  # REINFORCE++: discounted returns of the (KL-shaped) rewards, from the group-centred score with _baseline
+        base = batch.scores if algo.advantage == "reinforce_pp" else losses.group_advantages(
+            batch.scores, cfg.rollout.n, "reinforce_pp_baseline")
+        batch.rewards = losses.shaped_rewards(base, kl_in_reward, mask, kl_coef)
+        batch.advantages = losses.discounted_returns(batch.rewards, mask, algo.gamma)
+
+
+def update(cfg: PPOConfig, batch: Batch, step: int, policy, critic, optimizer, critic_optimizer, kl_coef: float,
+           temperature: float, pad: int, accelerator, run) -> tuple[dict[str, float], int, bool]:
+    """Phase 5: algorithm.ppo_epochs passes of minibatch steps -> (summed metrics by name, steps, stopped early).
+
+    Every process holds the whole iteration's rows, and a minibatch is a seeded global choice of rows of which each
+    process takes its share: the same minibatches under any number of processes."""
+    algo, device = cfg.algorithm, accelerator.device
+    rows = {"old": batch.old_logprobs, "adv": batch.advantages, "engine": batch.engine_logprobs}
+    if batch.ref_logprobs is not None and algo.kl_penalty == "loss":
+        rows["ref"] = batch.ref_logprobs
+    if critic is not None:
+        rows.update(values=batch.values, returns=batch.returns)
+    every, every_lengths, every_rows = whole_batch(batch.ro, batch.lengths, rows, accelerator)
+    every_mask = rollout.to_rows(torch.ones(sum(every_lengths)), every_lengths, every_rows["old"].shape[1]).to(device)
+    sums = {}
+    if critic is not None:  # of the whole batch, before the update
+        sums["value/explained_variance"] = losses.explained_variance(every_rows["values"], every_rows["returns"],
+                                                                     every_mask).item()
+    if algo.whiten_advantages or algo.advantage.startswith("reinforce_pp"):  # over the whole batch, alike everywhere
+        every_rows["adv"] = losses.whiten(every_rows["adv"], every_mask)
+    clip_high = algo.clip_eps if algo.clip_eps_high is None else algo.clip_eps_high
+    mini = algo.mini_batch_size or len(every)
+    updates, stopped_early = 0, False
+    for epoch in range(algo.ppo_epochs):
+        order = torch.randperm(len(every), generator=torch.Generator().manual_seed(
+            rollout.row_seeds(cfg.seed, f"order/{step}", [epoch])[0])).tolist()
+        for first in range(0, len(order), mini):
+            global_minibatch = order[first: first + mini]
+            minibatch = data.shard(global_minibatch, accelerator.process_index, accelerator.num_processes)
+            tokens = float(sum(every_lengths[i] for i in global_minibatch))
+            micro = data.chunks(minibatch, cfg.train.micro_batch_size)
+            step_sums: dict[str, torch.Tensor] = {}
+            for k, mb in enumerate(micro):
+                sync = contextlib.ExitStack()
+                if k < len(micro) - 1:  # DDP all-reduces once per minibatch, on its last micro-batch
+                    for net in (policy, critic):
+                        if net is not None:
+                            sync.enter_context(accelerator.no_sync(net))
+                with sync:
+                    seqs, lengths = models.sequences(every, mb), [every_lengths[i] for i in mb]
+                    with accelerator.autocast():
+                        flat_logps, flat_entropy = models.response_logprobs(policy, seqs, temperature, pad, device,
+                                                                     entropy="grad" if algo.ent_coef else "metric")
+                        flat_values = models.response_values(critic, seqs, pad, device) if critic is not None else None
+                    logprobs, entropy = rollout.rows_of(flat_logps, lengths), rollout.rows_of(flat_entropy, lengths)
+                    width = logprobs.shape[1]
+                    part = {name: r[mb, :width] for name, r in every_rows.items()}
+                    mask = every_mask[mb, :width]
+                    is_weights = capped = None
+                    if algo.engine_is_cap is not None:
+                        is_weights, capped = losses.truncated_is_weights(part["old"], part["engine"],
+                                                                         algo.engine_is_cap)
+                    pg, pg_clipped = losses.clipped_policy_loss(logprobs, part["old"], part["adv"], mask,
+                                                                algo.clip_eps, clip_high, algo.importance_ratio,
+                                                                is_weights)
+                    per_token = pg - algo.ent_coef * entropy
+                    if "ref" in part:  # GRPO: beta KL_t(pi || pi_ref) in the loss, on the current policy
+                        kl_t = losses.kl_penalty(logprobs, part["ref"], algo.kl_estimator)
+                        per_token = per_token + kl_coef * kl_t
+                    # Each micro-batch's share of the minibatch's loss (all micro-batches and processes); DDP averages
+                    # gradients over processes, so each process's share is scaled by their number.
+                    policy_loss = losses.aggregate_loss(per_token, mask, algo.loss_agg, tokens, len(global_minibatch),
+                                                        cfg.rollout.max_new_tokens) * accelerator.num_processes
+                    accelerator.backward(policy_loss)
+                    with torch.no_grad():
+                        new = {"loss/policy": losses.masked_sum(pg, mask),
+                               "policy/clipfrac": losses.masked_sum(pg_clipped.float(), mask),
+                               "policy/approx_kl": losses.masked_sum(losses.approx_kl(logprobs, part["old"]), mask),
+                               "policy/entropy": losses.masked_sum(entropy, mask),
+                               "tokens": mask.sum()}
+                        if "ref" in part:
+                            new["loss/kl"] = losses.masked_sum(kl_t, mask)
+                        if capped is not None:
+                            new["rollout/is_capped_frac"] = losses.masked_sum(capped.float(), mask)
+                    if critic is not None:
+                        values = rollout.rows_of(flat_values, lengths)
+                        vf, vf_clipped = losses.ppo_value_loss(values, part["values"], part["returns"],
+                                                               algo.clip_eps_value)
+                        accelerator.backward(losses.masked_sum(vf, mask) * accelerator.num_processes / tokens)
+                        new["loss/value"] = losses.masked_sum(vf, mask).detach()
+                        new["value/clipfrac"] = losses.masked_sum(vf_clipped.float(), mask)
+                for name, value in new.items():
+                    step_sums[name] = step_sums.get(name, 0.0) + value.detach()
+            step_sums = train.reduce_sums(accelerator, step_sums)
+            # A NaN or infinite loss stops the run before the update: the last checkpoint stays the last good one.
+            train.stop_if_not_finite(run, step + 1, {k: step_sums[k] for k in ("loss/policy", "loss/value")
+                                                     if k in step_sums})
+            nets = [(policy, optimizer)] + ([(critic, critic_optimizer)] if critic is not None else [])
+            if cfg.train.max_grad_norm:
+                norms = [accelerator.clip_grad_norm_(net.parameters(), cfg.train.max_grad_norm) for net, _ in nets]
+                train.stop_if_not_finite(run, step + 1, {"optim/grad_norm": float(sum(norms))})
+            for _, opt in nets:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            for name, value in step_sums.items():
+                sums[name] = sums.get(name, 0.0) + value
+            updates += 1
+            if algo.target_kl is not None and step_sums["policy/approx_kl"] / step_sums["tokens"] > algo.target_kl:
+                stopped_early = True
+                break
+        if stopped_early:
+            break
+    return sums, updates, stopped_early
+
+
+def iteration_metrics(cfg: PPOConfig, batch: Batch, update_sums: dict[str, float], accelerator) -> dict[str, float]:
+    """Phase 6's numbers: the batch's (summed over processes) and the update's, by name."""
+    mask, n_local = batch.response_mask, len(batch.ro)
+    sums = {"reward/score": batch.raw_scores.sum(), "reward/normalized": batch.scores.sum(),
+            "response/length": mask.sum(), "response/eos_rate": batch.ro.stopped.float().sum(),
+            "rollout/logprob_diff": losses.masked_sum((batch.engine_logprobs - batch.old_logprobs).abs(), mask),
+            "rollout/tokens": float(batch.ro.num_response_tokens), "responses": float(n_local)}
+    if cfg.algorithm.dynamic_sampling:
+        sums.update({"data/dropped_groups": float(batch.dropped_groups), "data/sampling_rounds": float(batch.rounds)})
+    if batch.kl is not None:
+        sums["kl/ref"] = batch.kl.sum()
+    if batch.rewards is not None:
+        sums["reward/shaped"] = (batch.rewards * mask).sum()
+    if len(batch.terms) > 1:
+        sums.update({f"reward/term/{name}": v.sum() for name, v in batch.terms.items()})
+    if cfg.rollout.n > 1:  # how much the group's responses disagree: no spread, no signal
+        sums["reward/group_std"] = batch.raw_scores.view(-1, cfg.rollout.n).std(1).sum() * cfg.rollout.n
+    glob = train.reduce_sums(accelerator, sums)
+    b, tokens = glob.pop("responses"), glob["response/length"]
+    row = {k: v / b for k, v in glob.items() if not k.startswith(("data/", "rollout/"))}
+    row["rollout/logprob_diff"] = glob["rollout/logprob_diff"] / tokens
+    if cfg.algorithm.dynamic_sampling:  # groups dropped over all processes; rounds are the same on every process
+        row["data/dropped_groups"] = glob["data/dropped_groups"]
+        row["data/sampling_rounds"] = glob["data/sampling_rounds"] / accelerator.num_processes
+    row["rollout/tokens"] = glob["rollout/tokens"]
+    row["rollout/responses"] = b
+    n_tok = max(update_sums.get("tokens", 0.0), 1.0)
+    row.update({k: v / n_tok for k, v in update_sums.items() if k not in ("tokens", "value/explained_variance")})
+    if "value/explained_variance" in update_sums:
+        row["value/explained_variance"] = update_sums["value/explained_variance"]
+    return row
+
+
+# --------------------------------------------------------------------------------------------------------------
 # The recipe
 
 
 def main(cfg: PPOConfig) -> dict:
     # ---- setup ----------------------------------------------------------------------------------------------
-    accelerator, run = train.begin(cfg, "ppo")
+    stage = "grpo" if isinstance(cfg, GRPOConfig) else "ppo"
+    accelerator, run = train.begin(cfg, stage)
     if run.finished:
         log.info("%s is already complete (report.json exists); nothing to do", run.dir)
         return run.report()
-    device, pc = accelerator.device, cfg.ppo
+    device, algo = accelerator.device, cfg.algorithm
     with accelerator.main_process_first():  # the first process converts a GGUF model into the cache
         base_location = models.materialize(cfg.model)
         if cfg.reference is not None:
@@ -330,12 +513,12 @@ def main(cfg: PPOConfig) -> dict:
     train_examples, val_examples = formats.load_train_validation(cfg.data, "prompt", cfg.seed)
     tokenize = dict(tokenizer=tokenizer, template=template, max_length=cfg.data.max_prompt_length,
                     truncation=cfg.data.truncation)
-    prompts, stats = tokenize_prompts(train_examples, **tokenize)
+    prompts, stats = data.tokenize_prompts(train_examples, **tokenize)
     log.info("prompts: %d train; %s", len(prompts), stats.summary())
     data_report = {"template": template, "skipped_records": train_examples.skipped, "train": stats.as_dict()}
     val_prompts = []
     if val_examples:
-        val_prompts, val_stats = tokenize_prompts(val_examples, **tokenize)
+        val_prompts, val_stats = data.tokenize_prompts(val_examples, **tokenize)
         val_prompts = val_prompts[: cfg.eval_samples]
         data_report["validation"] = val_stats.as_dict()
     reward = load_reward(cfg.reward, device)
@@ -356,41 +539,52 @@ def main(cfg: PPOConfig) -> dict:
         frozen_ref = copy.deepcopy(policy)
     if frozen_ref is not None:
         frozen_ref.requires_grad_(False).eval().to(device)
-    critic, critic_source = load_critic(cfg, base_location, tokenizer)
+    critic = critic_source = None
+    if algo.advantage == "gae":  # the group family's baseline comes from the group: no value model
+        critic, critic_source = load_critic(cfg, base_location, tokenizer)
     trainable, total = models.count_parameters(policy)
-    log.info("policy %s: %.1fM parameters, %.2fM trainable (%s); reward: %s", cfg.model.name_or_path, total / 1e6,
-             trainable / 1e6, "LoRA" if cfg.lora.enabled else "full", cfg.reward.rule or cfg.reward.model)
+    log.info("policy %s: %.1fM parameters, %.2fM trainable (%s); reward: %s; advantage: %s", cfg.model.name_or_path,
+             total / 1e6, trainable / 1e6, "LoRA" if cfg.lora.enabled else "full", rewards.describe(cfg.reward),
+             algo.advantage)
 
     optimizer = train.make_optimizer(policy, cfg.train)
-    critic_train = dataclass_replace(cfg.train, learning_rate=cfg.critic.learning_rate or cfg.train.learning_rate)
-    critic_optimizer = train.make_optimizer(critic, critic_train)
     scheduler = train.make_scheduler(optimizer, cfg.train, num_steps)
-    critic_scheduler = train.make_scheduler(critic_optimizer, critic_train, num_steps)
+    critic_optimizer = critic_scheduler = None
+    extra = {}
+    if critic is not None:
+        critic_train = dataclass_replace(cfg.train, learning_rate=cfg.critic.learning_rate or cfg.train.learning_rate)
+        critic_optimizer = train.make_optimizer(critic, critic_train)
+        critic_scheduler = train.make_scheduler(critic_optimizer, critic_train, num_steps)
+        extra = {"critic": (critic, critic_optimizer, critic_scheduler)}
     kl_ctl, moments = KLController(cfg), RunningMoments()
     run.start()
-    state = run.resume(policy, optimizer, scheduler, extra={"critic": (critic, critic_optimizer, critic_scheduler)})
+    state = run.resume(policy, optimizer, scheduler, extra=extra)
     start = state["step"]
     if start:
         kl_ctl.coef = state["kl_coef"]
         moments.load_state_dict(state["reward_moments"])
     policy.train()
-    critic.train()
-    policy, critic, optimizer, critic_optimizer = accelerator.prepare(policy, critic, optimizer, critic_optimizer)
-    run.restore_sharded_optimizers(policy, optimizer, extra={"critic": (critic, critic_optimizer)})
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    if critic is not None:
+        critic.train()
+        critic, critic_optimizer = accelerator.prepare(critic, critic_optimizer)
+        extra = {"critic": (critic, critic_optimizer, critic_scheduler)}
+    run.restore_sharded_optimizers(policy, optimizer, extra={k: v[:2] for k, v in extra.items()})
     sampling = rollout.Sampling(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p,
                                 cfg.rollout.top_k)
     engine = rollout.make_engine(cfg.rollout, accelerator.unwrap_model(policy), tokenizer, accelerator, sampling)
     engine.version = start  # the weights it samples from have seen `start` updates
     pad = tokenizer.pad_token_id
-    mini = pc.mini_batch_size or cfg.train.batch_size
-    per_process = cfg.train.batch_size // accelerator.num_processes
-    mini_local = mini // accelerator.num_processes
-    if per_process * accelerator.num_processes != cfg.train.batch_size or mini_local % cfg.train.micro_batch_size:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} and ppo.mini_batch_size={mini} must split into "
-                          f"{accelerator.num_processes} processes x micro-batches of {cfg.train.micro_batch_size}")
-    log.info("%d iterations of %d prompts (%.2f epochs); %d PPO epochs of %d minibatches each; engine %s",
-             num_steps, cfg.train.batch_size, num_steps / sampler.steps_per_epoch, pc.ppo_epochs,
-             cfg.train.batch_size // mini, engine.name)
+    responses = cfg.train.batch_size * cfg.rollout.n
+    mini = algo.mini_batch_size or responses
+    if cfg.train.batch_size % accelerator.num_processes or (mini // accelerator.num_processes) % \
+            cfg.train.micro_batch_size or mini % accelerator.num_processes:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} prompts and algorithm.mini_batch_size={mini} "
+                          f"responses must split into {accelerator.num_processes} processes x micro-batches of "
+                          f"{cfg.train.micro_batch_size}")
+    log.info("%d iterations of %d prompts x %d responses (%.2f epochs); %d update epochs of %d minibatches each; "
+             "engine %s", num_steps, cfg.train.batch_size, cfg.rollout.n, num_steps / sampler.steps_per_epoch,
+             algo.ppo_epochs, responses // mini, engine.name)
 
     def held_out() -> dict:
         return evaluate(cfg, policy, frozen_ref, engine, reward, val_prompts, tokenizer, accelerator, sampling)
@@ -400,162 +594,45 @@ def main(cfg: PPOConfig) -> dict:
         log.info("held-out before training: reward %.4f, KL %.3f, length %.1f, EOS rate %.2f", before["reward/val"],
                  before["kl/val"], before["response/length/val"], before["response/eos_rate/val"])
 
-    progress = train.Progress(num_steps, start, accelerator.is_main_process and cfg.log.progress, "ppo")
+    progress = train.Progress(num_steps, start, accelerator.is_main_process and cfg.log.progress, stage)
     totals = {"rollout": 0.0, "score": 0.0, "forward": 0.0, "update": 0.0}
     last = {}
     for step in range(start, num_steps):
         t0 = time.perf_counter()
-        positions = data.shard(range(cfg.train.batch_size), accelerator.process_index, accelerator.num_processes)
-        chosen = sampler.indices(step)
-        batch_prompts = [prompts[chosen[i]] for i in positions]
-
-        # ---- 1 rollout: one response per prompt from the current policy -------------------------------------
-        # (hf: each row drawn with its own seed, so the same responses under any number of processes)
-        ro = engine.generate([p.ids for p in batch_prompts], sampling,
-                             rollout.row_seeds(cfg.seed, f"rollout/{step}", positions))
-        if ro.policy_version != step:
-            raise RuntimeError(f"iteration {step}: the rollout came from policy version {ro.policy_version}, not "
-                               f"{step}: the engine's weights are stale")
-        lengths = [len(r) for r in ro.response_ids]
-        width = max(lengths)
-        response_mask = to_rows(torch.ones(sum(lengths)), lengths, width).to(device)
+        # ---- 1, 2 rollout and score (dynamic sampling: until enough groups have a signal) ------------------
+        batch = sample_and_score(cfg, step, engine, sampling, reward, prompts, sampler, tokenizer, accelerator, run)
+        normalise_scores(cfg, batch, moments, accelerator)
         t1 = time.perf_counter()
-
-        # ---- 2 score: the reward model (its own template and tokenizer) or a rule --------------------------
-        raw_scores = score(reward, batch_prompts, decode(tokenizer, ro), accelerator).to(device)
-        train.stop_if_not_finite(run, step + 1, {"reward/score": accelerator.reduce(raw_scores.sum(), "sum").item()})
-        scores = raw_scores.clone()
-        if pc.missing_eos_penalty is not None:
-            scores -= pc.missing_eos_penalty * (~ro.stopped).float().to(device)
-        if pc.normalize_reward:
-            moments.update(accelerator.gather(scores).cpu())
-            scores = (scores - moments.mean) / max(moments.std, 1e-6)
-        if pc.reward_clip is not None:
-            scores = scores.clamp(-pc.reward_clip, pc.reward_clip)
-        t2 = time.perf_counter()
-
         # ---- 3 log-probs under policy and reference, values under the critic -------------------------------
-        old_logps, ref_logps = policy_and_reference_logprobs(policy, frozen_ref, ro, cfg.train.micro_batch_size,
-                                                             sampling.temperature, pad, accelerator)
-        old_values = []
-        with torch.no_grad(), accelerator.autocast(), train.evaluating(critic, accelerator) as value_net:
-            for chunk in data.chunks(range(len(ro)), cfg.train.micro_batch_size):
-                old_values.append(response_values(value_net, sequences(ro, chunk), pad, device))
-        old_logprobs = to_rows(old_logps, lengths, width)
-        ref_logprobs = to_rows(ref_logps, lengths, width)
-        values = to_rows(torch.cat(old_values), lengths, width)
-        engine_logprobs = to_rows(torch.tensor([x for lp in ro.logprobs for x in lp]), lengths, width).to(device)
-        logprob_diff = losses.masked_mean((engine_logprobs - old_logprobs).abs(), response_mask)
-
-        # ---- 4 KL-shaped per-token rewards, GAE ----------------------------------------------------------------
-        kl = losses.kl_penalty(old_logprobs, ref_logprobs, pc.kl_estimator) * response_mask
-        rewards = losses.shaped_rewards(scores, kl, response_mask, kl_ctl.coef)
-        advantages, returns = losses.gae(rewards, values, response_mask, pc.gamma, pc.lam)
+        forwards(cfg, batch, policy, frozen_ref, critic, sampling.temperature, pad, accelerator)
+        # ---- 4 advantages: GAE, a group baseline, or REINFORCE++ returns --------------------------------------
+        estimate_advantages(cfg, batch, kl_ctl.coef)
+        t2 = time.perf_counter()
+        # ---- 5 update epochs on policy (and critic) ---------------------------------------------------------
+        update_sums, updates, stopped_early = update(cfg, batch, step, policy, critic, optimizer, critic_optimizer,
+                                                     kl_ctl.coef, sampling.temperature, pad, accelerator, run)
+        for sched in (scheduler, critic_scheduler):
+            if sched is not None:
+                sched.step()
         t3 = time.perf_counter()
 
-        # ---- 5 PPO epochs of minibatch updates on policy and critic ----------------------------------------
-        # Every process holds the whole iteration's rows, and a minibatch is a seeded global choice of rows of
-        # which each process takes its share: the same minibatches under any number of processes.
-        every, every_lengths, (every_old, every_adv, every_values, every_returns) = whole_batch(
-            ro, lengths, [old_logprobs, advantages, values, returns], accelerator)
-        every_mask = to_rows(torch.ones(sum(every_lengths)), every_lengths, every_values.shape[1]).to(device)
-        explained = losses.explained_variance(every_values, every_returns, every_mask)  # of the whole batch
-        if pc.whiten_advantages:  # over the whole batch, computed alike on every process
-            every_adv = losses.whiten(every_adv, every_mask)
-        update_sums, updates, stopped_early = torch.zeros(7, device=device), 0, False
-        for epoch in range(pc.ppo_epochs):
-            order = torch.randperm(len(every), generator=torch.Generator().manual_seed(
-                rollout.row_seeds(cfg.seed, f"order/{step}", [epoch])[0])).tolist()
-            for first in range(0, len(order), mini):
-                global_minibatch = order[first: first + mini]
-                minibatch = data.shard(global_minibatch, accelerator.process_index, accelerator.num_processes)
-                tokens = torch.tensor(float(sum(every_lengths[i] for i in global_minibatch)), device=device)
-                micro = data.chunks(minibatch, cfg.train.micro_batch_size)
-                step_sums = torch.zeros(7, device=device)
-                for k, mb in enumerate(micro):
-                    sync = contextlib.ExitStack()
-                    if k < len(micro) - 1:  # DDP all-reduces once per minibatch, on its last micro-batch
-                        sync.enter_context(accelerator.no_sync(policy))
-                        sync.enter_context(accelerator.no_sync(critic))
-                    with sync:
-                        seqs = sequences(every, mb)
-                        mb_lengths = [every_lengths[i] for i in mb]
-                        with accelerator.autocast():
-                            logps, entropy = response_logprobs(policy, seqs, sampling.temperature, pad, device,
-                                                               entropy="grad" if pc.ent_coef else "metric")
-                            new_values = response_values(critic, seqs, pad, device)
-                        old = from_rows(every_old, mb, every_lengths)
-                        adv = from_rows(every_adv, mb, every_lengths)
-                        pg, pg_clipped = losses.ppo_policy_loss(logps, old, adv, pc.clip_eps)
-                        vf, vf_clipped = losses.ppo_value_loss(new_values, from_rows(every_values, mb, every_lengths),
-                                                               from_rows(every_returns, mb, every_lengths),
-                                                               pc.clip_eps_value)
-                        # Token means over the whole minibatch (all micro-batches and processes); DDP averages
-                        # gradients over processes, so each process's sum is scaled by their number.
-                        scale = accelerator.num_processes / tokens
-                        policy_loss = (pg.sum() - pc.ent_coef * entropy.sum()) * scale
-                        value_loss = vf.sum() * scale
-                        accelerator.backward(policy_loss)
-                        accelerator.backward(value_loss)
-                    with torch.no_grad():
-                        step_sums += torch.stack([
-                            pg.sum(), vf.sum(), pg_clipped.float().sum(), vf_clipped.float().sum(),
-                            losses.approx_kl(logps, old).sum(), entropy.sum(),
-                            torch.tensor(float(sum(mb_lengths)), device=device)]).detach()
-                step_sums = accelerator.reduce(step_sums, "sum")
-                # A NaN or infinite loss stops the run before the update: the last checkpoint stays the last good one.
-                train.stop_if_not_finite(run, step + 1, {"loss/policy": step_sums[0].item(),
-                                                         "loss/value": step_sums[1].item()})
-                if cfg.train.max_grad_norm:
-                    norms = [accelerator.clip_grad_norm_(net.parameters(), cfg.train.max_grad_norm)
-                             for net in (policy, critic)]
-                    train.stop_if_not_finite(run, step + 1, {"optim/grad_norm": float(sum(norms))})
-                optimizer.step()
-                critic_optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                critic_optimizer.zero_grad(set_to_none=True)
-                update_sums += step_sums
-                updates += 1
-                if pc.target_kl is not None and (step_sums[4] / step_sums[6]).item() > pc.target_kl:
-                    stopped_early = True
-                    break
-            if stopped_early:
-                break
-        scheduler.step()
-        critic_scheduler.step()
-        t4 = time.perf_counter()
-
         # ---- 6 log, update the KL coefficient, sync the rollout engine, checkpoint --------------------------
-        seq_kl = accelerator.reduce(kl.sum(1).sum(), "sum").item() / cfg.train.batch_size
+        row = iteration_metrics(cfg, batch, update_sums, accelerator)
         coef_used = kl_ctl.coef
-        kl_ctl.update(seq_kl, cfg.train.batch_size)
+        if "kl/ref" in row:
+            kl_ctl.update(row["kl/ref"], responses)
         engine.sync(accelerator.unwrap_model(policy))
-        n_tok = update_sums[6].clamp(min=1)
-        glob = accelerator.reduce(torch.stack([
-            raw_scores.sum(), scores.sum(), (rewards * response_mask).sum(), response_mask.sum(),
-            ro.stopped.float().sum().to(device), logprob_diff * response_mask.sum(),
-            explained * len(ro),  # each process's share of the batch: the sum is the whole batch's value
-            torch.tensor(float(ro.num_response_tokens), device=device)]), "sum")
-        b = cfg.train.batch_size
         elapsed = time.perf_counter() - t0
-        row = {
-            "reward/score": glob[0].item() / b, "reward/normalized": glob[1].item() / b,
-            "reward/shaped": glob[2].item() / b, "kl/ref": seq_kl, "kl/coef": coef_used,
-            "loss/policy": (update_sums[0] / n_tok).item(), "loss/value": (update_sums[1] / n_tok).item(),
-            "policy/clipfrac": (update_sums[2] / n_tok).item(), "value/clipfrac": (update_sums[3] / n_tok).item(),
-            "policy/approx_kl": (update_sums[4] / n_tok).item(), "policy/entropy": (update_sums[5] / n_tok).item(),
-            "value/explained_variance": glob[6].item() / b, "response/length": glob[3].item() / b,
-            "response/eos_rate": glob[4].item() / b, "rollout/logprob_diff": glob[5].item() / glob[3].item(),
-            "ppo/updates": updates, "ppo/early_stopped": float(stopped_early),
-            "optim/lr": scheduler.get_last_lr()[0],
-            "perf/rollout_s": t1 - t0, "perf/score_s": t2 - t1, "perf/forward_s": t3 - t2, "perf/update_s": t4 - t3,
-            "perf/rollout_tokens_per_s": glob[7].item() / max(t1 - t0, 1e-9), "perf/samples_per_s": b / elapsed,
-            "data/epoch": (step + 1) / sampler.steps_per_epoch,
-        }
-        for key, seconds in zip(totals, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+        rollout_tokens = row.pop("rollout/tokens")
+        row.update({"kl/coef": coef_used, "ppo/updates": updates, "ppo/early_stopped": float(stopped_early),
+                    "optim/lr": scheduler.get_last_lr()[0], "perf/rollout_s": batch.seconds["rollout"],
+                    "perf/score_s": batch.seconds["score"], "perf/forward_s": t2 - t1, "perf/update_s": t3 - t2,
+                    "perf/rollout_tokens_per_s": rollout_tokens / max(batch.seconds["rollout"], 1e-9),
+                    "perf/samples_per_s": responses / elapsed, "data/epoch": (step + 1) / sampler.steps_per_epoch})
+        for key, seconds in zip(totals, (batch.seconds["rollout"], batch.seconds["score"], t2 - t1, t3 - t2)):
             totals[key] += seconds
         done = step + 1
-        progress.update(reward=row["reward/score"], kl=seq_kl)
+        progress.update(reward=row["reward/score"], kl=row.get("kl/ref", 0.0))
         if done % cfg.log.every == 0 or done == num_steps:
             run.log(row, step=done)
         last = row
@@ -564,15 +641,15 @@ def main(cfg: PPOConfig) -> dict:
         if cfg.train.save_every and done % cfg.train.save_every == 0 and done < num_steps:
             run.save_checkpoint(done, policy, tokenizer, optimizer, scheduler,
                                 {"epoch": sampler.epoch_of(step), "kl_coef": kl_ctl.coef,
-                                 "reward_moments": moments.state_dict()}, base_location,
-                                extra={"critic": (critic, critic_optimizer, critic_scheduler)})
+                                 "reward_moments": moments.state_dict()}, base_location, extra=extra)
     progress.close()
 
     # ---- evaluate and save ----------------------------------------------------------------------------------
     after = held_out() if val_prompts else {}
     if after:
         run.log(after, step=num_steps)
-    report = {"iterations": num_steps, "prompts_per_iteration": cfg.train.batch_size, "engine": engine.name,
+    report = {"iterations": num_steps, "prompts_per_iteration": cfg.train.batch_size,
+              "responses_per_prompt": cfg.rollout.n, "advantage": algo.advantage, "engine": engine.name,
               "critic_init": critic_source, "kl_coef_final": kl_ctl.coef, "data": data_report,
               "last_train": last, "seconds": totals, "model": str(run.dir / "model")}
     if before:

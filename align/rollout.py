@@ -219,6 +219,11 @@ def seeded_sampling(sampling: Sampling, seeds: Sequence[int]):
     return LogitsProcessorList([*processors, GumbelNoise(seeds)])
 
 
+def decode(tokenizer, ro: Rollout) -> list[str]:
+    """Each response as text (special tokens, such as the end-of-turn token, dropped)."""
+    return [tokenizer.decode(r, skip_special_tokens=True).strip() for r in ro.response_ids]
+
+
 def row_seeds(seed: int, key: str, positions: Sequence[int]) -> list[int]:
     """A seed for each row `position` of a draw named `key` (e.g. "rollout/12": iteration 12's rollout): the same on
     every process and in every run, whatever the split of rows over processes."""
@@ -484,3 +489,26 @@ def make_engine(cfg, model, tokenizer, accelerator, sampling: Sampling, seed: Op
                       server_base_url=v.server_base_url, server_timeout=v.server_timeout,
                       max_model_length=v.max_model_length, sync_timeout=v.sync_timeout,
                       enforce_eager=v.enforce_eager, cpu_kv_cache_gib=v.cpu_kv_cache_gib, seed=seed)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A rollout batch as [B, T] rows
+
+
+def to_rows(flat: torch.Tensor, lengths: Sequence[int], width: int) -> torch.Tensor:
+    """[K] concatenated per-sequence values -> [B, width], zero after each sequence's end."""
+    out = flat.new_zeros(len(lengths), width)
+    for row, piece in enumerate(torch.split(flat, list(lengths))):
+        out[row, : len(piece)] = piece
+    return out
+
+
+def from_rows(rows: torch.Tensor, ids: Sequence[int], lengths: Sequence[int]) -> torch.Tensor:
+    """The inverse of to_rows for the rows `ids`: [K]."""
+    return torch.cat([rows[i, : lengths[i]] for i in ids])
+
+
+def rows_of(flat: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    """[K] concatenated per-sequence values -> [len(lengths), max length], zero-padded; differentiable (a
+    micro-batch's new log-probs become rows here)."""
+    return torch.nn.utils.rnn.pad_sequence(list(torch.split(flat, list(lengths))), batch_first=True)

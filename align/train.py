@@ -64,6 +64,17 @@ def stop_if_not_finite(run: "Run", step: int, values: dict[str, float]) -> None:
     raise NonFiniteLoss(f"{run.dir}: step {step}: {bad[0]} is {bad[1]}; stopped before the update; {where}")
 
 
+def reduce_sums(accelerator, sums: dict[str, Any]) -> dict[str, float]:
+    """Metric sums by name (tensors or numbers), summed over every process in one all-reduce. Every process must
+    pass the same names."""
+    names = sorted(sums)
+    if not names:
+        return {}
+    stacked = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32).to(accelerator.device).reshape(())
+                           for k in names])
+    return dict(zip(names, accelerator.reduce(stacked, "sum").tolist()))
+
+
 def setup_logging(is_main: bool) -> None:
     """INFO lines from the main process on stdout; other processes only warn."""
     logger = logging.getLogger("align")

@@ -103,15 +103,17 @@ def test_sft_under_fsdp2_on_two_cpu_processes_matches_one_process_and_resumes_ex
 
 
 @pytest.mark.slow
-def test_ppo_two_processes_under_accelerate_launch_match_one_process(tmp_path):
-    """Every response is drawn with its own seed (training and held-out), and every process holds the iteration's
-    rows and takes its share of each seeded global minibatch: two processes do what one does."""
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_ppo_and_grpo_two_processes_under_accelerate_launch_match_one_process(tmp_path, stage):
+    """Every response is drawn with its own seed (training and held-out), a group stays on one process, and every
+    process holds the iteration's rows and takes its share of each seeded global minibatch: two processes do what
+    one does (grpo: the same group advantages, so the same losses and weights)."""
     overrides = ["log.every=1", "train.max_steps=2", "train.micro_batch_size=4", "eval_samples=8",
                  "log.progress=false"]
-    recipe = "recipes/tiny/ppo.yaml"
-    _run([sys.executable, "-m", "align.ppo", recipe, f"output_dir={tmp_path / 'one'}", *overrides], "one")
+    recipe = f"recipes/tiny/{stage}.yaml"
+    _run([sys.executable, "-m", f"align.{stage}", recipe, f"output_dir={tmp_path / 'one'}", *overrides], "one")
     done = _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "align.ppo",
+                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", f"align.{stage}",
                  recipe, f"output_dir={tmp_path / 'two'}", *overrides], "two")
     assert "2 processes" in done.stdout or "processes" in done.stdout
     rows = lambda d: [json.loads(line) for line in open(tmp_path / d / "metrics.jsonl")]  # noqa: E731

@@ -8,7 +8,7 @@ import torch
 
 from align import evaluate, models, train
 from align.config import ConfigError, EvalConfig, RewardConfig, TrainConfig, load_config
-from align.ppo import load_reward
+from align.rewards import load_reward
 
 from helpers import tiny_causal_lm
 

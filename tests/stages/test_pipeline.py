@@ -293,3 +293,44 @@ def test_a_ppo_recipe_reward_gives_way_to_the_reward_model_and_says_so(tmp_path,
         assert ppo.cfg.reward.model == str(tmp_path / "x" / "rm" / "model") and ppo.cfg.reward.rule is None
         logged = capsys.readouterr().out
         assert (said in logged) if said else "gives way" not in logged
+
+
+# ---- grpo as a stage ------------------------------------------------------------------------------------------
+
+def grpo_pipeline(tmp_path, stages: str, grpo_recipe: str = "recipes/tiny/grpo.yaml") -> str:
+    recipe = tmp_path / "pipeline_grpo.yaml"
+    recipe.write_text(re.sub(r"stages: .*\n", f"stages: {stages}\n", (ROOT / TINY_PIPELINE).read_text())
+                      .replace("dpo:\n  recipe: recipes/tiny/dpo.yaml\n", "")
+                      .replace("ppo:\n  recipe: recipes/tiny/ppo.yaml\n", f"grpo:\n  recipe: {grpo_recipe}\n")
+                      .replace("rm:\n  recipe: recipes/tiny/rm.yaml\n",
+                               "rm:\n  recipe: recipes/tiny/rm.yaml\n" if "rm" in stages else ""))
+    return str(recipe)
+
+
+def test_grpo_stage_starts_from_sft_keeps_its_rule_or_takes_the_rm_stage_model(tmp_path):
+    recipe = grpo_pipeline(tmp_path, "[sft, rm, grpo]")
+    grpo = pipeline.plan(load_config(PipelineConfig, recipe, [f"output_dir={tmp_path}"]), "t")[-1]
+    assert grpo.name == "grpo" and grpo.inputs == ["sft"]
+    assert grpo.cfg.model.name_or_path == str(tmp_path / "sft" / "model")
+    assert grpo.cfg.reward.rule == "length" and grpo.cfg.reward.model is None  # its recipe's rule stays
+    no_reward = tmp_path / "grpo_no_reward.yaml"
+    no_reward.write_text((ROOT / "recipes" / "tiny" / "grpo.yaml").read_text().replace(
+        "reward:\n  rule: length\n  rule_args:\n    per_char: 0.01\n", ""))
+    recipe = grpo_pipeline(tmp_path, "[sft, rm, grpo]", str(no_reward))
+    grpo = pipeline.plan(load_config(PipelineConfig, recipe, [f"output_dir={tmp_path}"]), "t")[-1]
+    assert grpo.cfg.reward.model == str(tmp_path / "rm" / "model") and grpo.inputs == ["sft", "rm"]
+
+
+def test_pipeline_runs_grpo_after_sft_and_evaluates_it_against_sft(tmp_path):
+    out = tmp_path / "run"
+    cfg = load_config(PipelineConfig, grpo_pipeline(tmp_path, "[sft, grpo]"), [
+        f"output_dir={out}", "grpo.overrides.train.max_steps=2", "grpo.overrides.log.progress=false",
+        "sft.overrides.log.progress=false"])
+    pipeline.main(cfg)
+    report = json.loads((out / "grpo" / "report.json").read_text())
+    assert report["stage"] == "grpo" and report["responses_per_prompt"] == 4
+    judged = json.loads((out / "eval_grpo" / "eval.json").read_text())
+    assert judged["policy"] == str(out / "grpo" / "model") and judged["baseline"] == str(out / "sft" / "model")
+    assert (out / "curves_grpo.png").is_file()
+    text = (out / "report.md").read_text()
+    assert "Stages: sft -> grpo" in text and f"| grpo | {judged['win_rate']:.3f}" in text

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from align import data, formats, ppo, rollout
+from align import data, formats, models, ppo, rollout
 from align.config import ConfigError, PPOConfig, load_config
 from align.formats import DataError
 
@@ -15,7 +15,7 @@ from helpers import TINY, tiny_causal_lm
 TINY_PPO = "recipes/tiny/ppo.yaml"
 # The toy task: the length rule pays 0.01 per character, so the policy should learn to pick long tokens. With a
 # weak KL penalty and a high learning rate a random 2-layer model learns it within a dozen iterations.
-TOY = ["ppo.kl_coef=0.001", "train.learning_rate=1e-2", "ppo.ppo_epochs=4"]
+TOY = ["algorithm.kl_coef=0.001", "train.learning_rate=1e-2", "algorithm.ppo_epochs=4"]
 
 
 def run(tmp_path, name, *overrides, recipe=TINY_PPO):
@@ -57,12 +57,12 @@ def test_hf_engine_logprobs_equal_teacher_forced_logprobs(tiny_tokenizer, temper
     ro = engine.generate(prompts, rollout.Sampling(max_new_tokens=12, temperature=temperature))
     assert len(ro) == 5 and ro.policy_version == 0
     assert all(len(r) == len(lp) > 0 for r, lp in zip(ro.response_ids, ro.logprobs))
-    logps, _ = ppo.response_logprobs(model, ppo.sequences(ro, range(len(ro))), temperature,
+    logps, _ = models.response_logprobs(model, models.sequences(ro, range(len(ro))), temperature,
                                      tiny_tokenizer.pad_token_id, "cpu")
     engine_logps = torch.tensor([x for lp in ro.logprobs for x in lp])
     assert torch.allclose(logps, engine_logps, atol=1e-4), (logps - engine_logps).abs().max()
     # and the probe is not blind: another model's log-probs differ clearly
-    other, _ = ppo.response_logprobs(tiny_causal_lm(init_std=0.1, seed=2), ppo.sequences(ro, range(len(ro))),
+    other, _ = models.response_logprobs(tiny_causal_lm(init_std=0.1, seed=2), models.sequences(ro, range(len(ro))),
                                      temperature, tiny_tokenizer.pad_token_id, "cpu")
     assert (other - engine_logps).abs().mean() > 0.1
 
@@ -87,7 +87,7 @@ def test_seeded_hf_sampling_depends_on_each_prompts_seed_alone_and_samples_the_t
     other = rollout.HFEngine(model, tiny_tokenizer).generate(prompts, sampling, rollout.row_seeds(8, "rollout/0",
                                                                                                   range(4)))
     assert other.response_ids != together.response_ids
-    logps, _ = ppo.response_logprobs(model, ppo.sequences(together, range(4)), 0.8, tiny_tokenizer.pad_token_id,
+    logps, _ = models.response_logprobs(model, models.sequences(together, range(4)), 0.8, tiny_tokenizer.pad_token_id,
                                      "cpu")
     assert torch.allclose(logps, torch.tensor([x for lp in together.logprobs for x in lp]), atol=1e-4)
 
@@ -149,8 +149,9 @@ def test_resume_mid_epoch_and_at_epoch_boundary_reproduce_the_uninterrupted_run(
     from safetensors.torch import load_file
 
     common = ["train.max_steps=6", "train.save_every=2", "train.keep_checkpoints=5", "overwrite=false",
-              "ppo.normalize_reward=true", "ppo.adaptive_kl=true", "ppo.kl_target=0.5", "ppo.kl_horizon=100",
-              "ppo.missing_eos_penalty=0.5", *(["lora.enabled=true", "lora.r=4"] if lora else [])]
+              "algorithm.normalize_reward=true", "algorithm.adaptive_kl=true", "algorithm.kl_target=0.5",
+              "algorithm.kl_horizon=100",
+              "algorithm.missing_eos_penalty=0.5", *(["lora.enabled=true", "lora.r=4"] if lora else [])]
     run(tmp_path, "whole", *common)
     weights = "adapter_model.safetensors" if lora else "model.safetensors"
     want_rows = [(r["step"], r["reward/score"], r["loss/policy"], r["loss/value"], r["kl/coef"])
@@ -244,8 +245,8 @@ def test_missing_reward_model_and_bad_reward_settings_are_clear_errors(tmp_path)
         load_config(PPOConfig, TINY_PPO, ["output_dir=x", "reward.model=somewhere"])
     with pytest.raises(ConfigError, match="critic.init=reward needs reward.model"):
         load_config(PPOConfig, TINY_PPO, ["output_dir=x", "critic.init=reward"])
-    with pytest.raises(ConfigError, match="ppo.mini_batch_size=6 must divide"):
-        load_config(PPOConfig, TINY_PPO, ["output_dir=x", "ppo.mini_batch_size=6"])
+    with pytest.raises(ConfigError, match="algorithm.mini_batch_size=6 must divide"):
+        load_config(PPOConfig, TINY_PPO, ["output_dir=x", "algorithm.mini_batch_size=6"])
     with pytest.raises(ConfigError, match="reward.rule=length"):
         run(tmp_path, "b", "reward.rule_args={nonsense: 1}")
 
@@ -279,9 +280,9 @@ def test_prompt_formats_take_the_turns_before_the_last_answer(tmp_path):
 
 def test_to_rows_and_from_rows_round_trip():
     flat = torch.arange(6.0)
-    rows_ = ppo.to_rows(flat, [3, 1, 2], 3)
+    rows_ = rollout.to_rows(flat, [3, 1, 2], 3)
     assert rows_.tolist() == [[0, 1, 2], [3, 0, 0], [4, 5, 0]]
-    assert ppo.from_rows(rows_, [2, 0], [3, 1, 2]).tolist() == [4, 5, 0, 1, 2]
+    assert rollout.from_rows(rows_, [2, 0], [3, 1, 2]).tolist() == [4, 5, 0, 1, 2]
     assert data.chunks([1, 2, 3], 2) == [[1, 2], [3]]
 
 
@@ -310,7 +311,7 @@ def test_held_out_prompts_are_all_evaluated_whatever_the_number_of_processes(tin
 
     policy = tiny_causal_lm(init_std=0.1, seed=1)
     cfg = load_config(PPOConfig, TINY_PPO, ["output_dir=/unused"])
-    prompts = [ppo.Prompt([{"role": "user", "content": f"question {i}"}],
+    prompts = [data.Prompt([{"role": "user", "content": f"question {i}"}],
                           tiny_tokenizer(f"question {i}")["input_ids"]) for i in range(7)]
     sampling = rollout.Sampling(max_new_tokens=4, temperature=1.0)
     engine = rollout.HFEngine(policy, tiny_tokenizer)

@@ -20,7 +20,7 @@ import sys
 import pytest
 import torch
 
-from align import evaluate, ppo, rollout
+from align import evaluate, models, rollout
 from align.config import EvalConfig, LoraConfig, ModelConfig, load_config
 from align.models import load_causal_lm
 
@@ -71,7 +71,7 @@ def perturb(model, scale: float, seed: int, only: str = "") -> None:
 @torch.no_grad()
 def probe(policy, ro: rollout.Rollout, pad_id: int) -> float:
     """align.ppo's rollout/logprob_diff: mean |engine log-prob - teacher-forced log-prob| over the response tokens."""
-    logps, _ = ppo.response_logprobs(policy, ppo.sequences(ro, range(len(ro))), SAMPLING.temperature, pad_id, DEVICE)
+    logps, _ = models.response_logprobs(policy, models.sequences(ro, range(len(ro))), SAMPLING.temperature, pad_id, DEVICE)
     engine = torch.tensor([x for lp in ro.logprobs for x in lp], device=DEVICE)
     assert logps.shape == engine.shape
     return (logps.float() - engine).abs().mean().item()
