@@ -42,7 +42,7 @@ import torch
 
 from . import data, formats, losses, models, rewards, rollout, train
 from .config import AlignError, ConfigError, GRPOConfig, LoraConfig, ModelConfig, PPOConfig, run_cli
-from .rewards import load_reward, score, score_terms
+from .rewards import load_reward, score_terms
 
 log = logging.getLogger("align")
 
@@ -169,20 +169,25 @@ def evaluate(cfg: PPOConfig, policy, frozen_ref, engine, reward, prompts: list[d
     # Every prompt, dealt out over the processes (counts may differ by one; sums are reduced, nothing is dropped).
     mine = data.spread(prompts, accelerator.process_index, accelerator.num_processes)
     positions = data.spread(range(len(prompts)), accelerator.process_index, accelerator.num_processes)
-    sums = torch.zeros(5)
+    names = [t.name for t in getattr(reward, "terms", [])] if len(getattr(reward, "terms", [])) > 1 else []
+    sums = {k: 0.0 for k in ("reward", "kl", "length", "eos", "count", *(f"term/{n}" for n in names))}
     if mine:  # each prompt drawn with its own seed: the same responses however the prompts are dealt out
         ro = engine.generate([p.ids for p in mine], sampling, rollout.row_seeds(cfg.seed, "held-out", positions))
-        scores = score(reward, mine, rollout.decode(tokenizer, ro), accelerator)
+        scores, terms = score_terms(reward, mine, rollout.decode(tokenizer, ro), accelerator)
         logps, ref_logps = models.policy_and_reference_logprobs(policy, frozen_ref, ro, cfg.train.micro_batch_size,
-                                                         sampling.temperature, tokenizer.pad_token_id, accelerator)
+                                                                sampling.temperature, tokenizer.pad_token_id,
+                                                                accelerator)
         lengths = torch.tensor([len(r) for r in ro.response_ids])
         kl = losses.sequence_logprobs(logps - ref_logps, lengths.to(logps.device)).cpu()
-        sums = torch.stack([scores.sum(), kl.sum(), lengths.float().sum(), ro.stopped.float().sum(),
-                            torch.tensor(float(len(mine)))])
-    sums = accelerator.reduce(sums.to(accelerator.device), "sum")
-    n = max(sums[4].item(), 1.0)
-    return {"reward/val": sums[0].item() / n, "kl/val": sums[1].item() / n, "response/length/val": sums[2].item() / n,
-            "response/eos_rate/val": sums[3].item() / n, "response/count/val": int(sums[4].item())}
+        sums.update({"reward": scores.sum(), "kl": kl.sum(), "length": lengths.float().sum(),
+                     "eos": ro.stopped.float().sum(), "count": float(len(mine)),
+                     **{f"term/{n}": terms[n].sum() for n in names}})
+    sums = train.reduce_sums(accelerator, sums)
+    n = max(sums["count"], 1.0)
+    out = {"reward/val": sums["reward"] / n, "kl/val": sums["kl"] / n, "response/length/val": sums["length"] / n,
+           "response/eos_rate/val": sums["eos"] / n, "response/count/val": int(sums["count"])}
+    out.update({f"reward/term/{name}/val": sums[f"term/{name}"] / n for name in names})  # e.g. accuracy, format rate
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------

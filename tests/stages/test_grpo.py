@@ -125,3 +125,17 @@ def test_ppo_defaults_and_recipes_are_unchanged_by_the_grpo_entry_point():
     grpo = load_config(GRPOConfig, TINY_GRPO, ["output_dir=x", "algorithm.advantage=gae", "rollout.n=2",
                                                "algorithm.kl_penalty=reward"])
     assert grpo.algorithm.advantage == "gae"  # the same keys: PPO with a critic from align.grpo
+
+
+def test_reward_terms_are_logged_one_by_one_in_training_and_held_out(tmp_path):
+    recipe = tmp_path / "grpo_terms.yaml"
+    cfg = yaml.safe_load(open(TINY_GRPO))
+    cfg["reward"] = {"terms": [{"rule": "length", "rule_args": {"per_char": 0.01}, "name": "long"},
+                               {"rule": "regex", "rule_args": {"pattern": "e"}, "weight": 0.5, "name": "has_e"}]}
+    recipe.write_text(yaml.safe_dump(cfg))
+    _, report = run(tmp_path, "terms", "train.max_steps=2", recipe=str(recipe))
+    for row in [*rows(tmp_path / "terms"), report["last_train"]]:
+        assert row["reward/score"] == pytest.approx(row["reward/term/long"] + 0.5 * row["reward/term/has_e"], abs=1e-5)
+    after = report["after"]
+    assert after["reward/val"] == pytest.approx(after["reward/term/long/val"] + 0.5 * after["reward/term/has_e/val"],
+                                                abs=1e-5)
