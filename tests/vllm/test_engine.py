@@ -71,7 +71,8 @@ def perturb(model, scale: float, seed: int, only: str = "") -> None:
 @torch.no_grad()
 def probe(policy, ro: rollout.Rollout, pad_id: int) -> float:
     """align.ppo's rollout/logprob_diff: mean |engine log-prob - teacher-forced log-prob| over the response tokens."""
-    logps, _ = models.response_logprobs(policy, models.sequences(ro, range(len(ro))), SAMPLING.temperature, pad_id, DEVICE)
+    logps, _ = models.response_logprobs(policy, models.sequences(ro, range(len(ro))), SAMPLING.temperature, pad_id,
+                                        DEVICE)
     engine = torch.tensor([x for lp in ro.logprobs for x in lp], device=DEVICE)
     assert logps.shape == engine.shape
     return (logps.float() - engine).abs().mean().item()
