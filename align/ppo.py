@@ -587,9 +587,10 @@ def main(cfg: PPOConfig) -> dict:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} prompts and algorithm.mini_batch_size={mini} "
                           f"responses must split into {accelerator.num_processes} processes x micro-batches of "
                           f"{cfg.train.micro_batch_size}")
-    log.info("%d iterations of %d prompts x %d responses (%.2f epochs); %d update epochs of %d minibatches each; "
-             "engine %s", num_steps, cfg.train.batch_size, cfg.rollout.n, num_steps / sampler.steps_per_epoch,
-             algo.ppo_epochs, responses // mini, engine.name)
+    log.info("%d iterations of %d prompts x %d responses (%.2f epochs) on %d processes; %d update epochs of %d "
+             "minibatches each; engine %s", num_steps, cfg.train.batch_size, cfg.rollout.n,
+             num_steps / sampler.steps_per_epoch, accelerator.num_processes, algo.ppo_epochs, responses // mini,
+             engine.name)
 
     def held_out() -> dict:
         return evaluate(cfg, policy, frozen_ref, engine, reward, val_prompts, tokenizer, accelerator, sampling)
