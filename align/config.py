@@ -497,6 +497,9 @@ class PPODataConfig:
     max_prompt_length tokens)."""
     template: str = "auto"
     """chat (the tokenizer's chat template), plain ("Human: ... Assistant:" text), or auto."""
+    system_prompt: Optional[str] = None
+    """A system message put before every prompt that has none (e.g. how to state the final answer); the reward
+    model and rules see it too. Held-out prompts get it as well."""
 
     def _check(self, at: str) -> None:
         check_validation_split(at, self)

@@ -16,6 +16,7 @@ renders a conversation's prefix as a prefix of the whole (checked; an error says
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import Counter
@@ -661,11 +662,19 @@ class Prompt:
     origin: Optional[Origin] = None
 
 
+def with_system_prompt(messages: list[dict], system_prompt: Optional[str]) -> list[dict]:
+    """The prompt's messages with `system_prompt` first, unless it has a system message of its own."""
+    if system_prompt is None or (messages and messages[0].get("role") == "system"):
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
 def tokenize_prompts(examples: Sequence[PromptExample], tokenizer, template: str, max_length: int,
-                     truncation: str) -> tuple[list[Prompt], TruncationStats]:
+                     truncation: str, system_prompt: Optional[str] = None) -> tuple[list[Prompt], TruncationStats]:
     stats = TruncationStats(truncation, max_length, total=len(examples))
     out = []
     for ex in examples:
+        ex = dataclasses.replace(ex, prompt=with_system_prompt(ex.prompt, system_prompt))
         if template == "chat":
             ids = prompt_ids(tokenizer, ex.prompt)
         else:

@@ -517,7 +517,7 @@ def main(cfg: PPOConfig) -> dict:
     template = data.resolve_policy_template(tokenizer, cfg.data.template)
     train_examples, val_examples = formats.load_train_validation(cfg.data, "prompt", cfg.seed)
     tokenize = dict(tokenizer=tokenizer, template=template, max_length=cfg.data.max_prompt_length,
-                    truncation=cfg.data.truncation)
+                    truncation=cfg.data.truncation, system_prompt=cfg.data.system_prompt)
     prompts, stats = data.tokenize_prompts(train_examples, **tokenize)
     log.info("prompts: %d train; %s", len(prompts), stats.summary())
     data_report = {"template": template, "skipped_records": train_examples.skipped, "train": stats.as_dict()}

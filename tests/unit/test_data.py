@@ -330,3 +330,17 @@ def test_chat_truncation_says_whether_the_response_was_cut(tiny_tokenizer):
     assert cut(reply_len - 1, "left") == "response"
     assert cut(len(ids) - 1, "right") == "response"  # cutting the end cuts the response
     assert data.tokenize_for_reward(tiny_tokenizer, LONG_PROMPT, SHORT_REPLY, "chat", 8, "drop") == (None, "dropped")
+
+
+def test_system_prompt_goes_first_unless_the_prompt_has_its_own(smol_tokenizer):
+    from align.formats import PromptExample
+
+    asked = [{"role": "user", "content": "What is 2 + 3?"}]
+    own = [{"role": "system", "content": "Be terse."}, *asked]
+    prompts, _ = data.tokenize_prompts([PromptExample(asked), PromptExample(own)], smol_tokenizer, "chat", 256, "error",
+                                       system_prompt="End with: The answer is N.")
+    assert prompts[0].messages == [{"role": "system", "content": "End with: The answer is N."}, *asked]
+    assert prompts[1].messages == own  # a prompt's own system message is kept, not doubled
+    assert "End with: The answer is N." in smol_tokenizer.decode(prompts[0].ids)
+    plain, _ = data.tokenize_prompts([PromptExample(asked)], smol_tokenizer, "chat", 256, "error")
+    assert plain[0].messages == asked and "The answer is N" not in smol_tokenizer.decode(plain[0].ids)
