@@ -319,3 +319,26 @@ def test_held_out_prompts_are_all_evaluated_whatever_the_number_of_processes(tin
                            OneOfSeveralProcesses(i, processes), sampling)["response/count/val"]
               for i in range(processes)]
     assert sum(counts) == 7 and max(counts) - min(counts) <= 1
+
+
+@pytest.mark.parametrize("recipe", ["recipes/tiny/ppo.yaml", "recipes/tiny/grpo.yaml"])
+def test_the_update_is_the_same_with_one_micro_batch_or_several(tmp_path, recipe):
+    """Each micro-batch adds its share of the minibatch's loss (token counts of the whole minibatch), so splitting a
+    minibatch of 8 responses into 1, 2 or 4 forwards changes nothing but rounding."""
+    from safetensors.torch import load_file
+
+    from align.config import GRPOConfig
+
+    cls = GRPOConfig if "grpo" in recipe else PPOConfig
+    weights, logged = [], []
+    for micro in (8, 4, 2):
+        out = tmp_path / f"micro{micro}"
+        cfg = load_config(cls, recipe, [f"output_dir={out}", "log.progress=false", "train.max_steps=2",
+                                        "eval_samples=0", f"train.micro_batch_size={micro}",
+                                        "algorithm.mini_batch_size=8"])
+        ppo.main(cfg)
+        weights.append(load_file(out / "model" / "model.safetensors"))
+        logged.append([r[k] for r in rows(out) for k in ("loss/policy", "policy/approx_kl", "reward/score")])
+    for other, other_rows in zip(weights[1:], logged[1:]):
+        assert other_rows == pytest.approx(logged[0], abs=1e-5)
+        assert all(torch.allclose(weights[0][k], other[k], atol=1e-5, rtol=0) for k in other)
