@@ -323,22 +323,24 @@ def test_held_out_prompts_are_all_evaluated_whatever_the_number_of_processes(tin
 
 @pytest.mark.parametrize("recipe", ["recipes/tiny/ppo.yaml", "recipes/tiny/grpo.yaml"])
 def test_the_update_is_the_same_with_one_micro_batch_or_several(tmp_path, recipe):
-    """Each micro-batch adds its share of the minibatch's loss (token counts of the whole minibatch), so splitting a
-    minibatch of 8 responses into 1, 2 or 4 forwards changes nothing but rounding."""
-    from safetensors.torch import load_file
-
+    """Each micro-batch adds its share of the step's loss (token counts of the whole minibatch), so splitting one
+    optimizer step's batch (16 responses for ppo, 8 prompts x 4 for grpo) into 2, 4 or 8 forwards changes nothing but
+    rounding: iteration 1's loss and ratio statistics agree to 1e-5, and iteration 2's, taken after the first update,
+    to a relative 1e-4 (a wrong share, e.g. a per-micro-batch mean, would move the update and so iteration 2).
+    Weights are not compared: Adam's first step divides each gradient by its own magnitude, so coordinates whose
+    gradient is near 0 amplify the rounding."""
     from align.config import GRPOConfig
 
     cls = GRPOConfig if "grpo" in recipe else PPOConfig
-    weights, logged = [], []
+    logged = []
     for micro in (8, 4, 2):
         out = tmp_path / f"micro{micro}"
         cfg = load_config(cls, recipe, [f"output_dir={out}", "log.progress=false", "train.max_steps=2",
                                         "eval_samples=0", f"train.micro_batch_size={micro}",
-                                        "algorithm.mini_batch_size=8"])
+                                        "algorithm.mini_batch_size=null", "algorithm.ppo_epochs=1"])
         ppo.main(cfg)
-        weights.append(load_file(out / "model" / "model.safetensors"))
-        logged.append([r[k] for r in rows(out) for k in ("loss/policy", "policy/approx_kl", "reward/score")])
-    for other, other_rows in zip(weights[1:], logged[1:]):
-        assert other_rows == pytest.approx(logged[0], abs=1e-5)
-        assert all(torch.allclose(weights[0][k], other[k], atol=1e-5, rtol=0) for k in other)
+        logged.append([[r[k] for k in ("loss/policy", "policy/approx_kl", "policy/clipfrac")] for r in rows(out)])
+    for other in logged[1:]:
+        assert other[0] == pytest.approx(logged[0][0], abs=1e-5)
+        assert other[1] == pytest.approx(logged[0][1], rel=1e-4, abs=1e-6)
+        assert other[1] != pytest.approx(logged[0][0], rel=1e-3)  # the first update moved the policy
