@@ -522,6 +522,12 @@ def _check_reward_source(at: str, node) -> None:
         raise ConfigError(f"{at}.function={node.function!r}: expected module:function, e.g. my_rewards:score")
 
 
+def reward_name(node) -> str:
+    """How a reward (a RewardConfig or one of its terms) is logged: its `name`, else the rule's or the function's
+    name, else `model`."""
+    return getattr(node, "name", None) or node.rule or (node.function or "").split(":")[-1] or "model"
+
+
 @dataclass
 class RewardTerm:
     model: Optional[str] = None
@@ -568,7 +574,7 @@ class RewardConfig:
                 term._check(f"{at}.terms[{i}]")
             if any(getattr(self, k) is not None for k in REWARD_SOURCES) or self.rule_args:
                 raise ConfigError(f"{at}: set either {at}.terms or one of {at}.model, {at}.rule, {at}.function")
-            names = [t.name or t.rule or (t.function or "").split(":")[-1] or "model" for t in self.terms]
+            names = [reward_name(t) for t in self.terms]
             if len(set(names)) != len(names):
                 raise ConfigError(f"{at}.terms: two terms would be logged as the same name ({names}); give each a "
                                   f"name")

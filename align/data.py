@@ -16,7 +16,6 @@ renders a conversation's prefix as a prefix of the whole (checked; an error says
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections import Counter
@@ -674,11 +673,11 @@ def tokenize_prompts(examples: Sequence[PromptExample], tokenizer, template: str
     stats = TruncationStats(truncation, max_length, total=len(examples))
     out = []
     for ex in examples:
-        ex = dataclasses.replace(ex, prompt=with_system_prompt(ex.prompt, system_prompt))
+        messages = with_system_prompt(ex.prompt, system_prompt)
         if template == "chat":
-            ids = prompt_ids(tokenizer, ex.prompt)
+            ids = prompt_ids(tokenizer, messages)
         else:
-            ids = tokenizer(plain_text(ex.prompt) + "\n\nAssistant:")["input_ids"]
+            ids = tokenizer(plain_text(messages) + "\n\nAssistant:")["input_ids"]
         if len(ids) > max_length:
             stats.too_long += 1
             if truncation == "error":
@@ -688,7 +687,7 @@ def tokenize_prompts(examples: Sequence[PromptExample], tokenizer, template: str
                 stats.dropped["prompt longer than max_prompt_length"] += 1
                 continue
             ids = ids[-max_length:]
-        out.append(Prompt(ex.prompt, ids, ex.origin))
+        out.append(Prompt(messages, ids, ex.origin))
     if not out:
         raise DataError(f"no usable prompts: {stats.summary()}")
     return out, stats

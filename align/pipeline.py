@@ -104,8 +104,8 @@ def plan(cfg: PipelineConfig, where: str, num_processes: int = 1) -> list[Stage]
         if name in ("dpo", "ppo", "grpo") and "sft" in built:
             wired["model"] = {"name_or_path": policy_output(built["sft"]), "gguf_file": None, "init": "pretrained"}
             inputs.append("sft")
-        theirs = {**(recipe.get("reward") or {}), **(spec.overrides.get("reward") or {})}
-        own_reward = any(theirs.get(k) for k in ("rule", "model", "function", "terms"))
+        named = {**(recipe.get("reward") or {}), **(spec.overrides.get("reward") or {})}
+        own_reward = any(named.get(k) for k in ("rule", "model", "function", "terms"))
         if name == "ppo" and "rm" in built or name == "grpo" and "rm" in built and not own_reward:
             # PPO: the recipe's reward (a rule, or another model) gives way to the trained reward model; its other
             # settings (max_length) stay. GRPO keeps a reward its recipe names (a rule checks answers better than a

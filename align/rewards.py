@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from . import models
-from .config import AlignError, ConfigError, RewardConfig, RewardTerm
+from .config import AlignError, ConfigError, RewardConfig, RewardTerm, reward_name
 
 
 @dataclass
@@ -165,22 +165,17 @@ def _load_term(node: RewardConfig | RewardTerm, device, at: str) -> Any:
     return RewardScorer(folder, device=str(device), max_length=node.max_length)
 
 
-def _default_name(node: RewardConfig | RewardTerm) -> str:
-    # The same default align.config checks for clashes.
-    return node.rule or (node.function or "").split(":")[-1] or "model"
-
-
 def load_reward(cfg: RewardConfig, device, at: str = "reward") -> Reward:
     """The reward a config describes: one source (model, rule or function) as a one-term Reward of weight 1, or
     `terms` as their weighted sum. Errors are ConfigErrors naming the key (`reward.terms[1].function=...`)."""
     if not cfg.terms:
-        return Reward([Term(_default_name(cfg), 1.0, _load_term(cfg, device, at), at)])
+        return Reward([Term(reward_name(cfg), 1.0, _load_term(cfg, device, at), at)])
     terms = []
     for i, node in enumerate(cfg.terms):
         where = f"{at}.terms[{i}]"
         if not math.isfinite(node.weight):
             raise ConfigError(f"{where}.weight={node.weight}: must be a finite number")
-        terms.append(Term(node.name or _default_name(node), float(node.weight), _load_term(node, device, where),
+        terms.append(Term(reward_name(node), float(node.weight), _load_term(node, device, where),
                           where))
     return Reward(terms)
 

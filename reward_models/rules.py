@@ -87,6 +87,14 @@ def final_answer(text: str) -> str | None:
     return None if match is None else _normalise_number(match.group(0))
 
 
+def reference_for(references: dict[str, Any], prompt: Text) -> tuple[str, Any]:
+    """The prompt's question and its reference answer; a question without one is a KeyError (a data bug)."""
+    question = prompt_text(prompt).strip()
+    if question not in references:
+        raise KeyError(f"no reference answer for question {question[:60]!r}")
+    return question, references[question]
+
+
 def read_answers(path: str | Path, same_answer: Callable[[str], Any]) -> dict[str, str]:
     """A JSONL file of {"question", "answer"} rows (blank lines skipped) as {question: answer}, questions stripped.
     A question that repeats with an answer whose `same_answer(...)` differs is an error (the reward would depend on
@@ -141,10 +149,8 @@ class GSM8KExactMatch:
         _check_lengths(prompts, responses)
         rewards = []
         for prompt, response in zip(prompts, responses):
-            question = prompt_text(prompt).strip()
-            if question not in self.references:
-                raise KeyError(f"no reference answer for question {question[:60]!r}")
-            rewards.append(1.0 if final_answer(response_text(response)) == self.references[question] else 0.0)
+            _, reference = reference_for(self.references, prompt)
+            rewards.append(1.0 if final_answer(response_text(response)) == reference else 0.0)
         return torch.tensor(rewards, dtype=torch.float32)
 
 
@@ -178,14 +184,12 @@ class MathAnswer:
         _check_lengths(prompts, responses)
         rewards = []
         for prompt, response in zip(prompts, responses):
-            question = prompt_text(prompt).strip()
-            if question not in self.references:
-                raise KeyError(f"no reference answer for question {question[:60]!r}")
+            question, reference = reference_for(self.references, prompt)
             text = response_text(response)
             if "####" in text:
                 text = text.rsplit("####", 1)[1].strip().split("\n", 1)[0]
             try:
-                equal = self.checker(self.references[question], text)
+                equal = self.checker(reference, text)
             except ValueError as err:  # the reference, not the response: a data bug worth stopping for
                 raise ValueError(f"question {question[:60]!r}: {err}") from None
             rewards.append(1.0 if equal else 0.0)
