@@ -129,6 +129,29 @@ class DataSource:
             positive(f"{at}.limit", self.limit)
 
 
+EARLY_STOPPING_MODES = ("auto", "min", "max")
+
+
+@dataclass
+class EarlyStoppingConfig:
+    enabled: bool = False
+    """Stop when the held-out metric has not improved for `patience` evaluations in a row (train.eval_every)."""
+    metric: Optional[str] = None
+    """The held-out metric that decides (and that train.keep_best ranks by): a key the stage logs at evaluation,
+    e.g. loss/val, accuracy/val, reward/val. null: the stage's own (sft, rm, dpo: loss/val; ppo, grpo: reward/val)."""
+    mode: str = "auto"
+    """min | max | auto (min for a metric named loss, ppl or kl; max otherwise)."""
+    patience: int = 3
+    """Evaluations without an improvement larger than min_delta before the run stops."""
+    min_delta: float = 0.0
+    """The smallest change of the metric that counts as an improvement."""
+
+    def _check(self, at: str) -> None:
+        one_of(f"{at}.mode", self.mode, EARLY_STOPPING_MODES)
+        positive(f"{at}.patience", self.patience)
+        positive(f"{at}.min_delta", self.min_delta, allow_zero=True)
+
+
 @dataclass
 class TrainConfig:
     epochs: float = 1.0
@@ -169,6 +192,14 @@ class TrainConfig:
     """Write a checkpoint every this many steps (0: only the final model)."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep."""
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    """Stop when the held-out metric stops improving (needs eval_every > 0 and held-out data)."""
+    keep_best: bool = False
+    """Keep the model of the best evaluation (early_stopping.metric, evaluated every eval_every steps) in
+    output_dir/best beside the checkpoints; report.json says which step it is and why."""
+    final_model: str = "last"
+    """last | best: what output_dir/model holds at the end (best needs keep_best; the held-out numbers after training
+    are then the best model's)."""
 
     def _check(self, at: str) -> None:
         positive(f"{at}.epochs", self.epochs)
@@ -191,6 +222,12 @@ class TrainConfig:
         positive(f"{at}.eval_every", self.eval_every, allow_zero=True)
         positive(f"{at}.save_every", self.save_every, allow_zero=True)
         positive(f"{at}.keep_checkpoints", self.keep_checkpoints)
+        one_of(f"{at}.final_model", self.final_model, ("last", "best"))
+        if self.final_model == "best" and not self.keep_best:
+            raise ConfigError(f"{at}.final_model=best needs {at}.keep_best=true")
+        for name, on in (("early_stopping.enabled", self.early_stopping.enabled), ("keep_best", self.keep_best)):
+            if on and not self.eval_every:
+                raise ConfigError(f"{at}.{name}=true acts on held-out evaluations; set {at}.eval_every > 0")
 
 
 @dataclass
@@ -224,6 +261,83 @@ def check_run(cfg) -> None:
         raise ConfigError("resume=true and overwrite=true are both set; choose one")
     if cfg.lora.quantization != "none" and cfg.model.init == "random":
         raise ConfigError("lora.quantization quantizes pretrained weights; it needs model.init=pretrained")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What every stage shares: the data audit, the forgetting check, the model card
+
+
+@dataclass
+class AuditConfig:
+    enabled: bool = True
+    """Audit the stage's data before training (align/audit.py; the same checks as `python -m align.data audit`):
+    duplicates, train/validation leaks, empty responses, contradictory pairs, personal data. Written to
+    output_dir/audit.md and audit.json; its counts go to report.json and the model card."""
+    near_duplicate_threshold: float = 0.8
+    """Estimated Jaccard similarity of word 5-gram sets (MinHash) at or above which two records are near
+    duplicates."""
+    fail_on_leak: bool = False
+    """Stop before training when a validation or evaluation record also appears in the training data."""
+
+    def _check(self, at: str) -> None:
+        if not 0 < self.near_duplicate_threshold <= 1:
+            raise ConfigError(f"{at}.near_duplicate_threshold: must be in (0, 1]; got {self.near_duplicate_threshold}")
+
+
+@dataclass
+class ForgettingConfig:
+    enabled: bool = False
+    """Measure, before and after training, what the model may have lost: its loss on general text it was not
+    trained on, the KL from the starting model on general prompts, and (with exact_match) accuracy on a small
+    question/answer set (align/forgetting.py)."""
+    text: Optional[DataSource] = None
+    """General text (records with a `text` field, or any conversation format: its assistant turns). null: the file
+    that ships with align, data/general_reference.jsonl (see data/README.md)."""
+    prompts: Optional[DataSource] = None
+    """General prompts for the KL (any prompt-bearing format). null: the prompts of the shipped file."""
+    exact_match: Optional[DataSource] = None
+    """Optional question/answer records (e.g. GSM8K questions no stage trains on): accuracy of greedy answers, the
+    final number compared (reward_models.rules' gsm8k check)."""
+    max_length: int = 256
+    """Longest general-text record, in tokens (longer ones are cut)."""
+    max_new_tokens: int = 48
+    """Response length for the KL's samples (and exact_match answers: 4x this)."""
+    micro_batch_size: int = 8
+    """Sequences per forward."""
+    max_loss_rise: float = 0.1
+    """Flag forgetting when the general-text loss rises by more than this (nats per token) and the rise's 95%
+    interval excludes 0."""
+    max_kl: Optional[float] = None
+    """Also flag when the KL from the starting model on general prompts exceeds this (null: report only)."""
+    max_accuracy_drop: float = 0.05
+    """Flag when exact_match accuracy falls by more than this."""
+
+    def _check(self, at: str) -> None:
+        positive(f"{at}.max_length", self.max_length)
+        positive(f"{at}.max_new_tokens", self.max_new_tokens)
+        positive(f"{at}.micro_batch_size", self.micro_batch_size)
+        positive(f"{at}.max_loss_rise", self.max_loss_rise, allow_zero=True)
+        if self.max_kl is not None:
+            positive(f"{at}.max_kl", self.max_kl, allow_zero=True)
+        positive(f"{at}.max_accuracy_drop", self.max_accuracy_drop, allow_zero=True)
+
+
+@dataclass
+class CardConfig:
+    intended_use: Optional[str] = None
+    """What the model is for, in your words (the card says "not stated" otherwise)."""
+    limitations: Optional[str] = None
+    """Known limits and risks, in your words; the card adds what the run measured (length bias, forgetting)."""
+    license: Optional[str] = None
+    """The model's license (a Hugging Face license id, e.g. apache-2.0); null: the card says "unknown"."""
+    base_model: Optional[str] = None
+    """The Hub id of the base model, when model.name_or_path is a local folder or a package."""
+    datasets: list[str] = field(default_factory=list)
+    """Hub ids of the datasets, for the card's YAML header (the files used are always listed with their hashes)."""
+    language: list[str] = field(default_factory=list)
+    """Language codes, e.g. [en]."""
+    tags: list[str] = field(default_factory=list)
+    """Extra tags (the stage and `align` are always there)."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -282,6 +396,12 @@ class SFTConfig:
     """Metrics and progress."""
     save_merged: bool = True
     """With LoRA, also write the merged model (base + adapters) to output_dir/merged."""
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    """The data audit before training."""
+    forgetting: ForgettingConfig = field(default_factory=ForgettingConfig)
+    """The forgetting check before and after training."""
+    card: CardConfig = field(default_factory=CardConfig)
+    """What the model card (model/README.md) says about use, limits and license."""
 
     def _check(self, at: str) -> None:
         check_run(self)
@@ -366,6 +486,10 @@ class RMConfig:
     """Optimisation; batch sizes count groups (a pair is a group of two)."""
     log: LogConfig = field(default_factory=LogConfig)
     """Metrics and progress."""
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    """The data audit before training."""
+    card: CardConfig = field(default_factory=CardConfig)
+    """What the model card (model/README.md) says about use, limits and license."""
 
     def _check(self, at: str) -> None:
         check_run(self)
@@ -422,6 +546,12 @@ class DPOLossConfig:
     """SimPO's target reward margin gamma."""
     rpo_alpha: float = 0.0
     """Weight of an NLL term on the chosen responses (RPO, Pang et al. 2024; 0 disables)."""
+    rdpo_alpha: float = 0.0
+    """R-DPO (Park et al. 2024): subtract rdpo_alpha x (|chosen| - |rejected|) tokens from the margin, so a
+    longer chosen response must win by more (0 disables; the paper's alpha, typically 0.001-0.05)."""
+    ld_alpha: Optional[float] = None
+    """LD-DPO (Liu et al. 2024; TRL's ld_alpha): weight of the log-probs of the tokens past the shorter response's
+    length, in [0, 1] (1 is plain DPO; null disables)."""
 
     def _check(self, at: str) -> None:
         one_of(f"{at}.type", self.type, DPO_LOSSES)
@@ -431,6 +561,9 @@ class DPOLossConfig:
             raise ConfigError(f"{at}.label_smoothing: must be in [0, 0.5); got {self.label_smoothing}")
         if self.label_smoothing and self.type not in ("sigmoid", "robust"):
             raise ConfigError(f"{at}.label_smoothing applies to type sigmoid or robust, not {self.type}")
+        positive(f"{at}.rdpo_alpha", self.rdpo_alpha, allow_zero=True)
+        if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
+            raise ConfigError(f"{at}.ld_alpha: must be in [0, 1]; got {self.ld_alpha}")
         if self.type == "robust" and not self.label_smoothing:
             raise ConfigError(f"{at}.type=robust needs {at}.label_smoothing > 0 (the label-noise rate)")
 
@@ -469,6 +602,12 @@ class DPOConfig:
     """Metrics and progress."""
     save_merged: bool = True
     """With LoRA, also write the merged model (base + adapters) to output_dir/merged."""
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    """The data audit before training."""
+    forgetting: ForgettingConfig = field(default_factory=ForgettingConfig)
+    """The forgetting check before and after training."""
+    card: CardConfig = field(default_factory=CardConfig)
+    """What the model card (model/README.md) says about use, limits and license."""
 
     def _check(self, at: str) -> None:
         check_run(self)
@@ -821,6 +960,12 @@ class PPOConfig:
     """Held-out prompts scored before and after training (and every train.eval_every iterations)."""
     save_merged: bool = True
     """With LoRA, also write the merged policy to output_dir/merged."""
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    """The data audit before training."""
+    forgetting: ForgettingConfig = field(default_factory=ForgettingConfig)
+    """The forgetting check before and after training."""
+    card: CardConfig = field(default_factory=CardConfig)
+    """What the model card (model/README.md) says about use, limits and license."""
 
     def _check(self, at: str) -> None:
         check_run(self)
