@@ -562,9 +562,10 @@ def main(cfg: PPOConfig) -> dict:
         critic_scheduler = train.make_scheduler(critic_optimizer, critic_train, num_steps)
         extra = {"critic": (critic, critic_optimizer, critic_scheduler)}
     kl_ctl, moments = KLController(cfg), RunningMoments()
-    run.start()
+    run.start(held_out=bool(val_prompts))
     state = run.resume(policy, optimizer, scheduler, extra=extra)
     start = state["step"]
+    watch = train.Watch(cfg.train, stage, state)  # early stopping and the best model, on the held-out reward
     if start:
         kl_ctl.coef = state["kl_coef"]
         moments.load_state_dict(state["reward_moments"])
@@ -595,15 +596,22 @@ def main(cfg: PPOConfig) -> dict:
     def held_out() -> dict:
         return evaluate(cfg, policy, frozen_ref, engine, reward, val_prompts, tokenizer, accelerator, sampling)
 
+    def save_best(step: int, value: float) -> None:
+        train.save_best(run, step, watch.metric, value, policy, tokenizer, base_location)
+
     before = run.before_training(start, held_out if val_prompts else None)  # measured now, or read back
+    if before and start == 0:
+        watch.observe(0, before, save_best)
     if before and start == 0:
         log.info("held-out before training: reward %.4f, KL %.3f, length %.1f, EOS rate %.2f", before["reward/val"],
                  before["kl/val"], before["response/length/val"], before["response/eos_rate/val"])
 
     progress = train.Progress(num_steps, start, accelerator.is_main_process and cfg.log.progress, stage)
     totals = {"rollout": 0.0, "score": 0.0, "forward": 0.0, "update": 0.0}
-    last = {}
+    last, done, evaluated = {}, start, (-1, {})
     for step in range(start, num_steps):
+        if watch.stopped_at is not None:
+            break
         t0 = time.perf_counter()
         # ---- 1, 2 rollout and score (dynamic sampling: until enough groups have a signal) ------------------
         batch = sample_and_score(cfg, step, engine, sampling, reward, prompts, sampler, tokenizer, accelerator, run)
@@ -643,21 +651,36 @@ def main(cfg: PPOConfig) -> dict:
             run.log(row, step=done)
         last = row
         if val_prompts and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < num_steps:
-            run.log(held_out(), step=done)
+            evaluated = (done, held_out())
+            run.log(evaluated[1], step=done)
+            if watch.observe(done, evaluated[1], save_best):
+                break
         if cfg.train.save_every and done % cfg.train.save_every == 0 and done < num_steps:
             run.save_checkpoint(done, policy, tokenizer, optimizer, scheduler,
                                 {"epoch": sampler.epoch_of(step), "kl_coef": kl_ctl.coef,
-                                 "reward_moments": moments.state_dict()}, base_location, extra=extra)
+                                 "reward_moments": moments.state_dict(), "watch": watch.state_dict()},
+                                base_location, extra=extra)
     progress.close()
 
     # ---- evaluate and save ----------------------------------------------------------------------------------
-    after = held_out() if val_prompts else {}
-    if after:
-        run.log(after, step=num_steps)
-    report = {"iterations": num_steps, "prompts_per_iteration": cfg.train.batch_size,
+    after, final_model = {}, "last"
+    if val_prompts:
+        after = evaluated[1] if evaluated[0] == done else held_out()  # an early stop has just evaluated
+        run.log(after, step=done)
+        if evaluated[0] != done:
+            watch.observe(done, after, save_best, last=True)
+        if cfg.train.final_model == "best" and watch.best_step not in (None, done):
+            final_model = f"best (step {train.load_best(run, policy)})"
+            engine.sync(accelerator.unwrap_model(policy))  # the held-out samples come from the engine
+            log.info("train.final_model=best: the policy of step %d (%s %.4f) replaces the last (step %d)",
+                     watch.best_step, watch.metric, watch.best, done)
+            after = held_out()
+    report = {"iterations": done, "prompts_per_iteration": cfg.train.batch_size,
               "responses_per_prompt": cfg.rollout.n, "advantage": algo.advantage, "engine": engine.name,
               "critic_init": critic_source, "kl_coef_final": kl_ctl.coef, "data": data_report,
               "last_train": last, "seconds": totals, "model": str(run.dir / "model")}
+    if watch.active:
+        report.update(early_stopping=watch.summary(), final_model=final_model)
     if before:
         report["before"] = before
     if after:

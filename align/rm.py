@@ -110,7 +110,7 @@ def main(cfg: RMConfig) -> dict:
     trainable, total = models.count_parameters(model)
     log.info("reward model %s (%s, %s template): %.1fM parameters, %.2fM trainable", cfg.model.name_or_path,
              "causal, last token" if model.causal else "encoder, [CLS]", template, total / 1e6, trainable / 1e6)
-    run.start()
+    run.start(held_out=bool(val_groups))
     model, schedule = train.prepare(model, cfg, accelerator, run, len(train_groups))
     pad_id = tokenizer.pad_token_id
     evaluate = (lambda: evaluate_groups(model, val_groups, cfg, accelerator, pad_id)) if val_groups else None
@@ -120,7 +120,7 @@ def main(cfg: RMConfig) -> dict:
         log.info("held-out pairwise accuracy before training: %s", show(before.get("accuracy/val")))
 
     # ---- the loop -------------------------------------------------------------------------------------------
-    loop = train.Loop(cfg, run, accelerator, model, tokenizer, schedule, evaluate, base_location)
+    loop = train.Loop(cfg, run, accelerator, model, tokenizer, schedule, evaluate, base_location, before=before)
     for step, micro_batches in loop:
         num_groups = len(loop.batch_ids)  # the loss is a mean over the groups of the global batch
         sums = torch.zeros(6, device=accelerator.device)
@@ -143,11 +143,11 @@ def main(cfg: RMConfig) -> dict:
         loop.end_step(step, metrics, tokens=tokens)
 
     # ---- evaluate and save ----------------------------------------------------------------------------------
-    report = {"steps": schedule.num_steps, "train_loss": loop.last_metrics.get("loss/train"), "data": data_report,
-              "model": str(run.dir / "model"), "template": template}
+    report = {"train_loss": loop.last_metrics.get("loss/train"), "data": data_report, "model": str(run.dir / "model"),
+              "template": template}
     if val_groups:
-        after = evaluate_groups(model, val_groups, cfg, accelerator, pad_id, full=True)
-        run.log({k: v for k, v in after.items() if k != "report"}, step=schedule.num_steps)
+        # the best model's weights when train.final_model=best, and its full report (intervals, length split)
+        after = loop.final_evaluation(lambda: evaluate_groups(model, val_groups, cfg, accelerator, pad_id, full=True))
         report["val_accuracy_before"] = before.get("accuracy/val")
         report["val_accuracy"] = after.get("accuracy/val")  # None: no ordered pairs
         report["validation"] = after.get("report")
@@ -157,6 +157,7 @@ def main(cfg: RMConfig) -> dict:
             log.info("held-out pairwise accuracy: %s (95%% CI %s, %d pairs); chosen longer %s, shorter %s",
                      show(r["accuracy"]), ci, r["n"], _acc(r["length_bias"]["chosen_longer"]),
                      _acc(r["length_bias"]["chosen_shorter"]))
+    report.update(loop.outcome())  # steps run; early stopping and which model was kept
     weights = train.full_state_dict(accelerator, model)  # sharded weights: every process gathers, the main one writes
     if accelerator.is_main_process:
         settings = RewardSettings(template, cfg.data.max_length, cfg.data.truncation)

@@ -7,6 +7,8 @@ Run folder of a stage:
     config.yaml               the resolved config
     metrics.jsonl             one JSON object per logged step (and tb/ for TensorBoard)
     before.json               held-out numbers before the first update
+    audit.md, audit.json      what the data audit found (align/audit.py), before training
+    best/                     with train.keep_best: the model of the best held-out evaluation, and best.json
     checkpoints/step-000040/  model/ (standard layout), optimizer.pt, scheduler.pt (tensors only: read with
                               weights_only=True), rng-<rank>.json, state.json, manifest.json (every file's sha256)
     model/                    the final model (adapter or full), and merged/ with LoRA
@@ -320,7 +322,8 @@ def _legacy_rng_state(path: Path) -> dict:
 # What a run is: its settings and the content of its data (a resumed or skipped run must be the same run)
 
 # Settings that change nothing a run computes: where it is, how it logs and how often it checkpoints.
-VOLATILE_SETTINGS = ("output_dir", "resume", "overwrite", "log.", "train.save_every", "train.keep_checkpoints")
+# The model card's words (card.) are written at the end and change no number either.
+VOLATILE_SETTINGS = ("output_dir", "resume", "overwrite", "log.", "train.save_every", "train.keep_checkpoints", "card.")
 
 
 def flat_settings(cfg: Any) -> dict[str, Any]:
@@ -544,8 +547,9 @@ def clear_entries(folder: Path, names: Sequence[str], what: str) -> None:
 RUN_FILE = "run.json"  # written when a run starts: stage, settings and data digests (it marks the folder as a run)
 BEFORE_FILE = "before.json"  # held-out numbers measured before the first update (a resumed run reports them too)
 # Everything a run writes in its folder: overwrite=true removes these (and .tmp-* leftovers), nothing else.
+BEST_DIR = "best"  # train.keep_best: the model of the best held-out evaluation, with best.json
 RUN_ENTRIES = (RUN_FILE, "config.yaml", "metrics.jsonl", "tb", "wandb", "checkpoints", "model", "merged",
-               BEFORE_FILE, "report.json")
+               BEFORE_FILE, "report.json", BEST_DIR, "audit.md", "audit.json", "forgetting_before.json")
 
 
 class Run:
@@ -611,9 +615,15 @@ class Run:
         stage = json.loads(report.read_text()).get("stage") if report.is_file() else None
         return {"stage": stage, "settings": _lasting(_flatten(settings))}
 
-    def start(self) -> None:
+    def start(self, held_out: bool = True) -> None:
         """Create the folder and lock it (with overwrite=true, clear the earlier run's files), write the run's identity
-        and resolved config, open the metric writers."""
+        and resolved config, open the metric writers. `held_out`: whether the stage has held-out data, which early
+        stopping and keep_best act on (checked here, before anything is written)."""
+        train_cfg = self.cfg.train
+        if (train_cfg.early_stopping.enabled or train_cfg.keep_best) and not held_out:
+            raise ConfigError("train.early_stopping and train.keep_best act on held-out evaluations, and this run has "
+                              "no held-out data: set data.validation or data.validation_fraction")
+        check_final_model(train_cfg, self.accelerator)
         self.accelerator.wait_for_everyone()  # every process has checked the folder before the main one writes in it
         if self.is_main:
             self._prepare_folder()
@@ -984,12 +994,18 @@ class Loop:
 
     def __init__(self, cfg: Any, run: "Run", accelerator, model, tokenizer, schedule: Schedule,
                  evaluate: Optional[Callable[[], dict]] = None, base_location: Optional[str] = None,
-                 checkpoint_state: Optional[Callable[[], dict]] = None):
+                 checkpoint_state: Optional[Callable[[], dict]] = None, before: Optional[dict] = None):
         self.cfg, self.run, self.accelerator, self.model, self.tokenizer = cfg, run, accelerator, model, tokenizer
         self.schedule, self.evaluate, self.base_location = schedule, evaluate, base_location
         self.checkpoint_state = checkpoint_state or (lambda: {})
         self.batch_ids: list[int] = []
         self.last_metrics: dict[str, float] = {}
+        self.steps_done = schedule.start
+        self.final_model = "last"
+        self.watch = Watch(cfg.train, run.stage, schedule.state)  # early stopping and the best model
+        self._last_evaluation: tuple[int, dict] = (-1, {})
+        if before and schedule.start == 0:  # the starting model is a candidate for the best one
+            self._observe(0, before)
         self._progress = Progress(schedule.num_steps, schedule.start,
                                   accelerator.is_main_process and cfg.log.progress, run.stage)
         self._timer = Timer()
@@ -1000,9 +1016,12 @@ class Loop:
 
         acc = self.accelerator
         for step in range(self.schedule.start, self.schedule.num_steps):
+            if self.watch.stopped_at is not None:  # early stopping (or a resume of a run that had stopped)
+                break
             self.batch_ids = self.schedule.sampler.indices(step)
             mine = shard(self.batch_ids, acc.process_index, acc.num_processes)
             yield step, chunks(mine, self.cfg.train.micro_batch_size)
+            self.steps_done = step + 1
         self._progress.close()
 
     def accumulating(self, k: int, n: int):
@@ -1040,11 +1059,172 @@ class Loop:
         if done == schedule.num_steps:
             return
         if self.evaluate is not None and cfg.train.eval_every and done % cfg.train.eval_every == 0:
-            self.run.log(self.evaluate(), step=done)
+            held_out = self.evaluate()
+            self.run.log(held_out, step=done)
+            if self._observe(done, held_out):
+                return  # the loop ends here; no checkpoint is needed for a run about to finish
         if cfg.train.save_every and done % cfg.train.save_every == 0:
             self.run.save_checkpoint(done, self.model, self.tokenizer, schedule.optimizer, schedule.scheduler,
-                                     {"epoch": schedule.sampler.epoch_of(step), **self.checkpoint_state()},
-                                     self.base_location)
+                                     {"epoch": schedule.sampler.epoch_of(step), "watch": self.watch.state_dict(),
+                                      **self.checkpoint_state()}, self.base_location)
+
+    def _observe(self, step: int, held_out: dict) -> bool:
+        self._last_evaluation = (step, held_out)
+        return self.watch.observe(step, held_out, self._save_best)
+
+    def _save_best(self, step: int, value: float) -> None:
+        save_best(self.run, step, self.watch.metric, value, self.model, self.tokenizer, self.base_location)
+
+    def final_evaluation(self, evaluate: Optional[Callable[[], dict]] = None) -> dict:
+        """The held-out numbers after the loop (logged at the last step), taken as the watch's last evaluation; with
+        train.final_model=best, the best model's weights are put back first when the last is not the best, and the
+        numbers are that model's. `evaluate` replaces the loop's own callable (e.g. a fuller final report)."""
+        evaluate = evaluate or self.evaluate
+        if evaluate is None:
+            return {}
+        step, held_out = self._last_evaluation
+        if step != self.steps_done or evaluate is not self.evaluate:  # not evaluated at this step yet (in this form)
+            held_out = evaluate()
+            if step != self.steps_done:
+                self._last_evaluation = (self.steps_done, held_out)
+                self.watch.observe(self.steps_done, held_out, self._save_best, last=True)
+        self.run.log({k: v for k, v in held_out.items() if isinstance(v, (int, float))}, step=self.steps_done)
+        if self.cfg.train.final_model == "best" and self.watch.best_step not in (None, self.steps_done):
+            best_step = load_best(self.run, self.model)
+            log.info("train.final_model=best: the model of step %d (%s %.6g) replaces the last (step %d)",
+                     best_step, self.watch.metric, self.watch.best, self.steps_done)
+            self.final_model = f"best (step {best_step})"
+            held_out = evaluate()
+        return held_out
+
+    def outcome(self) -> dict:
+        """For report.json: steps run, and with early stopping or keep_best what the watch decided."""
+        out = {"steps": self.steps_done}
+        if self.watch.active:
+            out.update(early_stopping=self.watch.summary(), final_model=self.final_model)
+        return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Early stopping and the best model
+
+# The held-out metric each stage ranks by when train.early_stopping.metric is null (transformers' Trainer and TRL rank
+# by the evaluation loss; an RL policy has no loss on held-out data, its held-out reward is what it optimises).
+HEADLINE_METRIC = {"sft": "loss/val", "rm": "loss/val", "dpo": "loss/val", "ppo": "reward/val", "grpo": "reward/val"}
+
+
+def metric_mode(metric: str, mode: str) -> str:
+    """min or max: `auto` is min for a loss, a perplexity or a KL, max for anything else (accuracy, reward)."""
+    if mode != "auto":
+        return mode
+    return "min" if any(word in metric for word in ("loss", "ppl", "kl")) else "max"
+
+
+class Watch:
+    """Early stopping and the best model, from the held-out evaluations (the evaluation before training counts: if
+    training only makes things worse, the best model is the starting one). Its state goes into every checkpoint, so a
+    resumed run stops at the step an uninterrupted one would.
+
+        watch.observe(step, held_out_metrics, save_best)   # -> True when the run should stop now
+
+    An evaluation improves on the best when it beats it by more than min_delta; after `patience` evaluations in a row
+    that do not, the run stops (with early_stopping.enabled). A metric that is not finite never improves."""
+
+    def __init__(self, train_cfg: TrainConfig, stage: str, state: Optional[dict] = None):
+        es = train_cfg.early_stopping
+        self.stops, self.keeps_best = es.enabled, train_cfg.keep_best
+        self.metric = es.metric or HEADLINE_METRIC[stage]
+        self.mode = metric_mode(self.metric, es.mode)
+        self.patience, self.min_delta = es.patience, es.min_delta
+        saved = (state or {}).get("watch") or {}
+        self.best: Optional[float] = saved.get("best")
+        self.best_step: Optional[int] = saved.get("best_step")
+        self.since_best: int = saved.get("since_best", 0)
+        self.evaluations: int = saved.get("evaluations", 0)
+        self.stopped_at: Optional[int] = saved.get("stopped_at")
+
+    @property
+    def active(self) -> bool:
+        return self.stops or self.keeps_best
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step, "since_best": self.since_best,
+                "evaluations": self.evaluations, "stopped_at": self.stopped_at}
+
+    def improves(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.best is None:
+            return True
+        return value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
+
+    def observe(self, step: int, metrics: dict, save_best: Optional[Callable[[int, float], None]] = None,
+                last: bool = False) -> bool:
+        """Take the evaluation at `step` (after `step` updates); call save_best(step, value) when it is the best so far
+        and keep_best is on. Returns whether the run should stop (never for the `last` evaluation, after the final
+        step: that run was not stopped). Every process calls it with the same (reduced) metrics, so all decide
+        alike."""
+        if not self.active:
+            return False
+        if self.metric not in metrics:
+            raise ConfigError(f"train.early_stopping.metric={self.metric}: the held-out evaluation has no such metric; "
+                              f"it has {', '.join(sorted(k for k in metrics if k.endswith('/val')))}")
+        value = float(metrics[self.metric])
+        self.evaluations += 1
+        if self.improves(value):
+            self.best, self.best_step, self.since_best = value, step, 0
+            if self.keeps_best and save_best is not None:
+                save_best(step, value)
+        else:
+            self.since_best += 1
+        if self.stops and not last and self.stopped_at is None and self.since_best >= self.patience:
+            self.stopped_at = step
+            log.info("early stopping at step %d: %s has not improved on %.6g (step %d) by more than %g in %d "
+                     "evaluations", step, self.metric, self.best, self.best_step, self.min_delta, self.since_best)
+        return self.stopped_at is not None
+
+    def summary(self) -> dict:
+        """For report.json and the model card."""
+        if self.stopped_at is not None:
+            reason = (f"{self.metric} did not improve on {self.best:.6g} (step {self.best_step}) by more than "
+                      f"{self.min_delta:g} in {self.patience} evaluations")
+        elif self.stops:
+            reason = "ran to the end: the metric kept improving within the patience"
+        else:
+            reason = "early stopping off; the best evaluation is kept (train.keep_best)"
+        return {"metric": self.metric, "mode": self.mode, "patience": self.patience if self.stops else None,
+                "min_delta": self.min_delta, "stopped_at": self.stopped_at, "best_step": self.best_step,
+                "best": self.best, "evaluations": self.evaluations, "reason": reason}
+
+
+def save_best(run: "Run", step: int, metric: str, value: float, model, tokenizer,
+              base_location: Optional[str] = None) -> None:
+    """output_dir/best: the model in the checkpoints' layout (standard transformers/peft, loadable by from_pretrained)
+    and best.json (step, metric, value), written atomically; every process calls it (sharded weights are gathered)."""
+    weights = full_state_dict(run.accelerator, model)
+    if run.is_main:
+        with atomic_dir(run.dir / BEST_DIR) as tmp:
+            models.save(run.accelerator.unwrap_model(model), tokenizer, tmp, base_location, state_dict=weights)
+            (tmp / "best.json").write_text(json.dumps({"step": step, "metric": metric, "value": value}, indent=1))
+        log.info("best %s so far: %.6g at step %d, saved to %s", metric, value, step, run.dir / BEST_DIR)
+    run.accelerator.wait_for_everyone()
+
+
+def load_best(run: "Run", model) -> int:
+    """Put the weights of output_dir/best back into the (prepared) model; returns the step they are from."""
+    if sharded(run.accelerator):  # checked before training (Loop / ppo), kept here as the rule's one home
+        raise ConfigError("train.final_model=best is not supported with sharded weights (FSDP, ZeRO-3) yet: use "
+                          "final_model=last; the best model is in output_dir/best")
+    run.accelerator.wait_for_everyone()  # the main process has finished writing best/
+    folder = run.dir / BEST_DIR
+    models.load_trained_weights(run.accelerator.unwrap_model(model), folder)
+    return json.loads((folder / "best.json").read_text())["step"]
+
+
+def check_final_model(train_cfg: TrainConfig, accelerator) -> None:
+    if train_cfg.final_model == "best" and sharded(accelerator):
+        raise ConfigError("train.final_model=best is not supported with sharded weights (FSDP, ZeRO-3) yet: use "
+                          "final_model=last (the best model is still kept in output_dir/best with keep_best)")
 
 
 # --------------------------------------------------------------------------------------------------------------
