@@ -1126,6 +1126,12 @@ class PipelineConfig:
     grpo: StageSpec = field(default_factory=StageSpec)
     """GRPO or another group-baseline method (align.grpo): from SFT's model, with its recipe's reward (a rule or
     function) or, when it names none, the rm stage's reward model."""
+    forgetting: bool = True
+    """Run the forgetting check (forgetting.enabled) in every policy stage (sft, dpo, ppo, grpo), over what the stage's
+    recipe says; a stage's overrides still win (e.g. dpo.overrides.forgetting.enabled=false)."""
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    """The data audit of the whole chain before the first stage: every stage's data and the evaluation prompts,
+    leaks between them (output_dir/audit.md)."""
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation of each trained policy (dpo, ppo; sft when it is the last policy stage) against the baseline: the
     SFT model, or the policy stages' starting model without SFT. The reward model is the rm stage's unless set."""

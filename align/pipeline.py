@@ -101,6 +101,8 @@ def plan(cfg: PipelineConfig, where: str, num_processes: int = 1) -> list[Stage]
         inputs = []
         if name == "sft":
             wired["save_merged"] = True
+        if name in POLICY_STAGES and cfg.forgetting:
+            wired["forgetting"] = {"enabled": True}
         if name in ("dpo", "ppo", "grpo") and "sft" in built:
             wired["model"] = {"name_or_path": policy_output(built["sft"]), "gguf_file": None, "init": "pretrained"}
             inputs.append("sft")
