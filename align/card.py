@@ -94,8 +94,11 @@ WHEN_SET = {"train.warmup_ratio", "train.warmup_steps", "train.max_steps", "trai
 
 def shown_settings(cfg: Any, stage: str, flat: dict) -> list[str]:
     """The dotted keys of the settings table: the stage's, then the common ones, less those that do not apply."""
-    extra = [k for k in flat if k.startswith("reward.rule_args.")] if stage in ("ppo", "grpo") else []
-    keys = [k for k in dict.fromkeys((*STAGE_SETTINGS.get(stage, ()), *extra, *COMMON_SETTINGS)) if k in flat]
+    def expand(key: str) -> list[str]:  # a rule's arguments are flattened: reward.rule_args.<name>
+        return [key] if key in flat or not key.endswith(".rule_args") else [k for k in flat if k.startswith(key + ".")]
+
+    keys = [k for k in dict.fromkeys(x for key in (*STAGE_SETTINGS.get(stage, ()), *COMMON_SETTINGS)
+                                     for x in expand(key)) if k in flat]
     hidden = {k for k in keys if k in WHEN_SET and flat[k] in (0, None, False, [], {}, "")}
     if not cfg.lora.enabled:
         hidden |= {k for k in keys if k.startswith("lora.") and k != "lora.enabled"}
@@ -509,7 +512,7 @@ def measured_limits(cfg: Any, report: dict) -> list[str]:
     if isinstance(audit, dict):
         notes = {"leaks": "held-out records also in the training data (held-out numbers may be optimistic)",
                  "contradictory_pairs": "contradictory preference pairs in the data",
-                 "personal_data": "records with what looks like personal data",
+                 "personal_data": "personal-data findings (e-mail addresses, phone or card numbers) in the data files",
                  "exact_duplicates": "exact duplicate records", "empty_responses": "empty responses"}
         for key, what in notes.items():
             count = audit.get(key)
@@ -655,7 +658,8 @@ def evaluation_block(label: str, summary: dict) -> str:
     body = _table(("measure", "value", "95% CI"), rows)
     ci = summary.get("win_rate_ci95")
     if isinstance(ci, (list, tuple)) and len(ci) == 2 and ci[0] <= 0.5 <= ci[1]:
-        body += ["", "The win rate's 95% interval includes 0.5: no difference from the baseline was measured."]
+        body += ["", "The win rate's 95% interval includes 0.5: this evaluation does not tell the policy from the "
+                 "baseline."]
     if isinstance(summary.get("length_warning"), str):
         body += ["", f"Length: {summary['length_warning']}"]
     return "\n".join(head + body + [f"<!-- /align:evaluation {label} -->"]) + "\n"

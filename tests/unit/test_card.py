@@ -306,7 +306,7 @@ def test_audit_forgetting_and_early_stopping_numbers_equal_the_reports(runs):
     assert FORGETTING["flags"][0] in limits
     assert report["length_warning"] in limits
     assert "Data audit: 1 held-out records also in the training data" in limits
-    assert "Data audit: 3 records with what looks like personal data" in limits
+    assert "Data audit: 3 personal-data findings" in limits
     assert "contradictory" not in limits  # a count of 0 is not a limit
 
 
