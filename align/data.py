@@ -691,3 +691,25 @@ def tokenize_prompts(examples: Sequence[PromptExample], tokenizer, template: str
     if not out:
         raise DataError(f"no usable prompts: {stats.summary()}")
     return out, stats
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line: `python -m align.data audit RECIPE.yaml [key=value ...] [--out DIR] [--clean DIR]`
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """The data commands; `audit` is the one there is (align/audit.py)."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] != "audit":
+        print("usage: python -m align.data audit RECIPE.yaml [key=value ...] [--out DIR] [--clean DIR]",
+              file=sys.stderr)
+        sys.exit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
+    from . import audit
+
+    sys.exit(audit.main(argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
