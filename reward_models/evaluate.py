@@ -7,8 +7,9 @@ A DPO policy is scored by its implicit reward beta (log pi - log pi_ref) (reward
 
 Reports pairwise accuracy with a 95% interval (bootstrap over prompts), for rankings also accuracy over all pairs,
 Kendall's tau and top-1; calibration (expected calibration error of sigmoid(r_chosen - r_rejected)) with a
-reliability plot; a length-bias probe (accuracy where the preferred response is longer vs shorter, beside the
-"shorter wins" heuristic); per-category accuracy when rows have a `category` field. Works on any one-output
+reliability plot; a length-bias probe (accuracy where the preferred response is longer vs shorter in characters,
+beside the "shorter wins" heuristic, with a warning when the accuracy is carried by length: see
+metrics.length_carried); per-category accuracy when rows have a `category` field. Works on any one-output
 sequence-classification model. The last line of output is one JSON object (accuracy, n, ci95, ...).
 """
 
@@ -56,6 +57,8 @@ def report(rankings, scores, categories, out_dir: str | None = None) -> dict:
     groups = [metrics.Group(s, r.ranks, [sum(len(m["content"]) for m in resp) for resp in r.responses], c)
               for r, s, c in zip(rankings, scores, categories)]
     summary = metrics.summarize(groups)
+    summary["length_carried"] = metrics.length_carried({**summary["length_bias"],
+                                                        "shorter_wins_heuristic": summary["length_heuristic_accuracy"]})
     if out_dir:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -75,6 +78,8 @@ def print_summary(summary: dict) -> None:
     print(f"calibration: ECE {show(summary['ece'])}")
     print(f"length bias: chosen longer {cell(lb['chosen_longer'])}, chosen shorter {cell(lb['chosen_shorter'])}; "
           f"'shorter wins' heuristic {show(summary['length_heuristic_accuracy'])}")
+    if summary.get("length_carried"):
+        print(f"warning: {summary['length_carried']}")
     for name, c in summary.get("per_category", {}).items():
         print(f"category {name}: {cell(c)}")
 

@@ -35,6 +35,7 @@ __all__ = [
     "calibration",
     "length_bias",
     "length_heuristic_accuracy",
+    "length_carried",
     "per_category",
     "reliability_plot",
     "summarize",
@@ -279,6 +280,38 @@ def length_heuristic_accuracy(groups: Sequence[Group]) -> float | None:
     (1 minus this is the accuracy of "the longer response wins".)"""
     outcomes = [pair_outcome(-g.lengths[b], -g.lengths[w]) for g in groups for b, w in ordered_pairs(g)]
     return _accuracy(outcomes)
+
+
+LENGTH_CARRIED_GAP = 0.2
+LENGTH_CARRIED_MIN_PAIRS = 10
+
+
+def length_carried(split: dict, gap: float = LENGTH_CARRIED_GAP, min_pairs: int = LENGTH_CARRIED_MIN_PAIRS
+                   ) -> str | None:
+    """A one-line warning when a held-out preference accuracy is carried by length; None otherwise.
+
+    `split` is length_bias's result or align.dpo's report.json `val_by_length`: {"chosen_longer": {"accuracy",
+    "n"}, "chosen_shorter": {"accuracy", "n"}, ...}, optionally with "shorter_wins_heuristic" (quoted if present).
+    The rule: both buckets hold at least `min_pairs` pairs (default 10; fewer say nothing either way), their
+    accuracies lie on opposite sides of chance (one above 0.5, the other below), and they differ by more than `gap`
+    (default 0.2). The model then beats chance only where length agrees with the human label and loses where it
+    disagrees: it ranks by length ("shorter wins" or "longer wins"), and its overall accuracy mostly measures how
+    often the data's preferred response has that length. A model that is better on one side but above chance on
+    both is not flagged."""
+    longer, shorter = split.get("chosen_longer") or {}, split.get("chosen_shorter") or {}
+    a_long, a_short = longer.get("accuracy"), shorter.get("accuracy")
+    if a_long is None or a_short is None or min(longer.get("n", 0), shorter.get("n", 0)) < min_pairs:
+        return None
+    if not (min(a_long, a_short) < 0.5 < max(a_long, a_short)) or abs(a_short - a_long) <= gap:
+        return None
+    wins = "shorter" if a_short > a_long else "longer"
+    heuristic = split.get("shorter_wins_heuristic")
+    if heuristic is not None and wins == "longer":
+        heuristic = 1 - heuristic
+    alone = "" if heuristic is None else f"; '{wins} wins' alone scores {heuristic:.3f}"
+    return (f"held-out accuracy is carried by length: {a_short:.3f} where the chosen response is shorter "
+            f"(n={shorter['n']}) but {a_long:.3f} where it is longer (n={longer['n']}): the model prefers {wins} "
+            f"responses more than better ones{alone}")
 
 
 # ----------------------------------------------------------------------------------------------- categories

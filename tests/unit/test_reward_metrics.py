@@ -277,3 +277,26 @@ def test_summarize_pairs_only_omits_ranking_keys_and_empty_data_is_none():
     empty = metrics.summarize([Group(scores=[1, 2], ranks=[0, 0], lengths=[1, 1])], n_boot=50)
     assert empty["n"] == 0 and empty["accuracy"] is None and empty["ci95"] is None and empty["ece"] is None
     json.dumps(empty, allow_nan=False)
+
+
+def test_length_carried_flags_a_shorter_wins_split_and_not_a_balanced_one():
+    shorter_wins = {"chosen_longer": {"accuracy": 0.233, "n": 30}, "chosen_shorter": {"accuracy": 0.787, "n": 34},
+                    "same_length": {"accuracy": None, "n": 0}, "shorter_wins_heuristic": 0.531}
+    warning = metrics.length_carried(shorter_wins)
+    assert warning is not None and "\n" not in warning
+    assert "prefers shorter" in warning and "0.787" in warning and "0.233" in warning and "0.531" in warning
+    longer_wins = {"chosen_longer": {"accuracy": 0.8, "n": 20}, "chosen_shorter": {"accuracy": 0.3, "n": 20}}
+    assert "prefers longer" in metrics.length_carried(longer_wins)
+    balanced = {"chosen_longer": {"accuracy": 0.62, "n": 30}, "chosen_shorter": {"accuracy": 0.70, "n": 34}}
+    assert metrics.length_carried(balanced) is None
+    # better on one side but above chance on both; a small gap; too few pairs: not flagged
+    assert metrics.length_carried({"chosen_longer": {"accuracy": 0.55, "n": 30},
+                                   "chosen_shorter": {"accuracy": 0.95, "n": 30}}) is None
+    assert metrics.length_carried({"chosen_longer": {"accuracy": 0.45, "n": 30},
+                                   "chosen_shorter": {"accuracy": 0.6, "n": 30}}) is None
+    assert metrics.length_carried({"chosen_longer": {"accuracy": 0.1, "n": 9},
+                                   "chosen_shorter": {"accuracy": 0.9, "n": 30}}) is None
+    # length_bias's own result works as input
+    groups = [Group(scores=[1.0, 0.0], ranks=[0, 1], lengths=[5, 50]) for _ in range(12)] + \
+             [Group(scores=[0.0, 1.0], ranks=[0, 1], lengths=[50, 5]) for _ in range(12)]
+    assert "prefers shorter" in metrics.length_carried(metrics.length_bias(groups))
