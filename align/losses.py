@@ -168,6 +168,10 @@ def length_correlation_penalty(rewards: torch.Tensor, lengths: torch.Tensor) -> 
 # chosen (y_w) and rejected (y_l) responses; counts are their numbers of response tokens [B] where a variant
 # normalises by length. h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l)). Each loss returns
 # the per-pair loss [B]; the recipe averages over the global batch.
+#
+# Two controls of the length shortcut (DPO learning "longer wins" or "shorter wins" instead of quality) change
+# what goes into a loss, not the losses: LD-DPO replaces each summed log-prob by its length-desensitised form
+# (ld_logprobs, for policy and reference alike), R-DPO adds a length term to the margin (rdpo_logits).
 
 
 def sequence_logprobs(token_logps: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -178,9 +182,52 @@ def sequence_logprobs(token_logps: torch.Tensor, counts: torch.Tensor) -> torch.
     return out.index_add(0, owner, token_logps)
 
 
+def tail_logprobs(token_logps: torch.Tensor, counts: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Per sequence [S], the sum of its target-token log-probs after its first keep[s] targets (laid out as in
+    sequence_logprobs). With keep = min(|y_w|, |y_l|) of the sequence's pair this is the part of the longer response
+    that LD-DPO down-weights; it is 0 for the shorter one."""
+    owner = torch.repeat_interleave(torch.arange(len(counts), device=token_logps.device), counts)
+    start = torch.cumsum(counts, 0) - counts
+    position = torch.arange(len(token_logps), device=token_logps.device) - start[owner]  # 0-based, in its sequence
+    tail = token_logps * (position >= keep[owner])
+    out = torch.zeros(len(counts), dtype=token_logps.dtype, device=token_logps.device)
+    return out.index_add(0, owner, tail)
+
+
+def ld_logprobs(logps: torch.Tensor, tail: torch.Tensor, ld_alpha: float) -> torch.Tensor:
+    """LD-DPO's length-desensitised log-likelihood of a response of a pair (Liu et al. 2024, "Length Desensitization
+    in Direct Preference Optimization"; TRL's `ld_alpha`):
+
+        log p~(y|x) = sum_{t <= l_p} log p(y_t | x, y_<t)  +  alpha * sum_{t > l_p} log p(y_t | x, y_<t)
+        l_p = min(|y_w|, |y_l|)      (the "public length" of the pair)
+
+    so the tokens of the longer response past the shorter one's length count alpha times (alpha = 1: plain DPO).
+    Applied to the policy's and the reference's log-probs alike, as TRL does; the loss then takes them in place of
+    log pi and log pi_ref. Computed as logps - (1 - alpha) * tail, with logps the full sum and tail the sum past
+    l_p (tail_logprobs), so alpha = 1 gives back the plain sums exactly."""
+    return logps - (1 - ld_alpha) * tail
+
+
 def dpo_logits(policy_chosen, policy_rejected, ref_chosen, ref_rejected) -> torch.Tensor:
     """h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l)): the implicit reward margin / beta."""
     return (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+
+
+def rdpo_logits(h: torch.Tensor, chosen_count: torch.Tensor, rejected_count: torch.Tensor, beta: float,
+                alpha: float) -> torch.Tensor:
+    """R-DPO's length-regularised margin (Park et al. 2024, "Disentangling Length from Quality in Direct Preference
+    Optimization", the R-DPO objective):
+
+        L = -log sigmoid( beta h + alpha (|y_w| - |y_l|) )          |y| in tokens
+
+    returned as h + (alpha / beta)(|y_w| - |y_l|), so any loss of beta h (sigmoid, robust, hinge) takes it in place
+    of h. It is the DPO derivation for the objective max E[r(x, y) - alpha |y|] - beta KL: the length term explains
+    the part of a preference that length explains, so the policy does not learn it. alpha > 0 penalises length
+    (the paper's use, against verbosity: a longer chosen response is already favoured by the term, so the policy
+    is pushed less to prefer it); alpha < 0 would counter a "shorter wins" bias. alpha = 0 is plain DPO."""
+    if not alpha:
+        return h
+    return h + (alpha / beta) * (chosen_count - rejected_count).to(h.dtype)
 
 
 def dpo_sigmoid_loss(h: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -228,15 +275,22 @@ def nll_loss(chosen_logps: torch.Tensor, num_chosen_tokens: torch.Tensor | int) 
     return -chosen_logps.sum() / num_chosen_tokens
 
 
+RDPO_LOSSES = ("sigmoid", "robust", "hinge")  # the losses of beta h, where R-DPO's length term has a meaning
+
+
 def preference_loss(kind: str, policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_count,
-                    rejected_count, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0
-                    ) -> torch.Tensor:
-    """The per-pair loss [B] of variant `kind` (sigmoid, robust, ipo, hinge, simpo). ref_* are ignored by simpo."""
+                    rejected_count, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0,
+                    rdpo_alpha: float = 0.0) -> torch.Tensor:
+    """The per-pair loss [B] of variant `kind` (sigmoid, robust, ipo, hinge, simpo). ref_* are ignored by simpo.
+    rdpo_alpha != 0 adds R-DPO's length term to the margin (rdpo_logits; sigmoid, robust and hinge only)."""
+    if rdpo_alpha and kind not in RDPO_LOSSES:
+        raise ValueError(f"R-DPO's length term applies to {', '.join(RDPO_LOSSES)}, not {kind!r}")
     if kind == "simpo":
         return simpo_loss(policy_chosen, policy_rejected, chosen_count, rejected_count, beta, gamma)
     if kind == "ipo":
         return ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_count, rejected_count, beta)
     h = dpo_logits(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    h = rdpo_logits(h, chosen_count, rejected_count, beta, rdpo_alpha)
     if kind == "sigmoid":
         return dpo_sigmoid_loss(h, beta, label_smoothing)
     if kind == "robust":
@@ -269,6 +323,40 @@ def summarize_preference_stats(sums: torch.Tensor, split: str) -> dict[str, floa
              "logps/rejected"]
     n = max(sums[-1].item(), 1.0)
     return {f"{name}/{split}": (sums[i] / n).item() for i, name in enumerate(names)}
+
+
+LENGTH_BUCKETS = ("chosen_longer", "chosen_shorter", "same_length")
+
+
+def length_split_stats(margin: torch.Tensor, chosen_count: torch.Tensor, rejected_count: torch.Tensor
+                       ) -> torch.Tensor:
+    """Preference accuracy split by which response of a pair is longer (in response tokens), as sums to reduce over
+    batches and processes: [right, pairs] for chosen longer, chosen shorter, same length (6 values). A pair is right
+    when margin > 0 (a tie 1/2, as in preference_stats). A policy that learned "shorter wins" instead of quality is
+    right on the chosen-shorter pairs and wrong on the others."""
+    margin = margin.detach().float()
+    right = (margin > 0).float() + 0.5 * (margin == 0).float()
+    out = []
+    for bucket in (chosen_count > rejected_count, chosen_count < rejected_count, chosen_count == rejected_count):
+        out += [(right * bucket).sum(), bucket.float().sum()]
+    return torch.stack(out)
+
+
+def summarize_length_split(sums: torch.Tensor, split: str) -> dict[str, float]:
+    """Metrics from summed length_split_stats: pairs/<bucket>/<split> always, accuracy/<bucket>/<split> for buckets
+    with pairs, and accuracy/shorter_wins/<split>, the accuracy of the rule "the shorter response wins" on the same
+    pairs (a same-length pair counts 1/2): the score a pure length shortcut gets."""
+    values = sums.tolist()
+    out = {}
+    for k, bucket in enumerate(LENGTH_BUCKETS):
+        right, n = values[2 * k], values[2 * k + 1]
+        out[f"pairs/{bucket}/{split}"] = int(n)
+        if n:
+            out[f"accuracy/{bucket}/{split}"] = right / n
+    longer, shorter, same = values[1], values[3], values[5]
+    if longer + shorter + same:
+        out[f"accuracy/shorter_wins/{split}"] = (shorter + 0.5 * same) / (longer + shorter + same)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -45,12 +45,16 @@ def polite_vs_rude(n=48):
 
 # ---- against TRL's DPOTrainer ---------------------------------------------------------------------------------
 
-TRL_CASES = {  # ours (loss.type, label_smoothing, rpo_alpha) -> TRL (loss_type, loss_weights, label_smoothing)
+TRL_CASES = {  # ours (loss.type, label_smoothing, rpo_alpha) -> TRL (loss_type, loss_weights, label_smoothing),
+    # and LD-DPO's ld_alpha (both)
     "sigmoid": (("sigmoid", 0.0, 0.0), (["sigmoid"], None, 0.0)),
     "hinge": (("hinge", 0.0, 0.0), (["hinge"], None, 0.0)),
     "ipo": (("ipo", 0.0, 0.0), (["ipo"], None, 0.0)),
     "robust": (("robust", 0.2, 0.0), (["robust"], None, 0.2)),
     "rpo": (("sigmoid", 0.0, 0.7), (["sigmoid", "sft"], [1.0, 0.7], 0.0)),
+    "ld": (("sigmoid", 0.0, 0.0), (["sigmoid"], None, 0.0), 0.3),
+    "ld-ipo": (("ipo", 0.0, 0.0), (["ipo"], None, 0.0), 0.3),
+    "ld-rpo": (("sigmoid", 0.0, 0.7), (["sigmoid", "sft"], [1.0, 0.7], 0.0), 0.5),
 }
 
 
@@ -62,13 +66,14 @@ def test_loss_and_gradients_equal_trl_dpo_trainer(tmp_path, tiny_tokenizer, case
     from trl import DPOConfig as TRLConfig
     from trl import DPOTrainer
 
-    (kind, smoothing, alpha), (trl_types, trl_weights, trl_smoothing) = TRL_CASES[case]
+    (kind, smoothing, alpha), (trl_types, trl_weights, trl_smoothing), *ld = TRL_CASES[case]
+    ld_alpha = ld[0] if ld else None
     beta = 0.5
     policy = tiny_causal_lm(init_std=0.1, seed=3)
     reference = tiny_causal_lm(init_std=0.1, seed=4)  # a different reference, so h != 0 and gradients are rich
     args = TRLConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=3, report_to="none", use_cpu=True,
                      bf16=False, loss_type=trl_types, loss_weights=trl_weights, label_smoothing=trl_smoothing,
-                     beta=beta, max_length=None, disable_dropout=True)
+                     beta=beta, max_length=None, disable_dropout=True, ld_alpha=ld_alpha)
     trainer = DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
                          train_dataset=Dataset.from_list(ROWS), processing_class=tiny_tokenizer)
     features = [trainer.train_dataset[i] for i in range(len(ROWS))]
@@ -82,13 +87,19 @@ def test_loss_and_gradients_equal_trl_dpo_trainer(tmp_path, tiny_tokenizer, case
         assert pair.chosen.input_ids == f["prompt_ids"] + f["chosen_ids"]
         assert pair.rejected.input_ids == f["prompt_ids"] + f["rejected_ids"]
         assert pair.chosen.num_targets == len(f["chosen_ids"])
+    if ld_alpha is not None:  # the LD split matters: the pairs' responses differ in length
+        assert any(p.chosen.num_targets != p.rejected.num_targets for p in pairs)
     ours = copy.deepcopy(policy).train()
-    pc, pr, nc, nr = dpo.pair_logps(ours, pairs, True, 0, "cpu")
+    lp = dpo.pair_logps(ours, pairs, True, 0, "cpu")
     with torch.no_grad():
-        rc, rr, _, _ = dpo.pair_logps(reference, pairs, True, 0, "cpu")
-    loss = losses.preference_loss(kind, pc, pr, rc, rr, nc, nr, beta, smoothing).mean()
+        r = dpo.pair_logps(reference, pairs, True, 0, "cpu")
+    ref = dpo.ReferenceLogps(r.chosen, r.rejected, r.chosen_tail, r.rejected_tail)
+    cfg = load_config(DPOConfig, TINY_DPO, ["output_dir=unused", f"loss.type={kind}", f"loss.beta={beta}",
+                                            f"loss.label_smoothing={smoothing}",
+                                            f"loss.ld_alpha={'null' if ld_alpha is None else ld_alpha}"])
+    loss = dpo.pair_loss(cfg, lp, ref)[0].mean()
     if alpha:
-        loss = loss + alpha * losses.nll_loss(pc, nc.sum())
+        loss = loss + alpha * losses.nll_loss(lp.chosen, lp.chosen_count.sum())  # TRL's "sft": never LD-weighted
     loss.backward()
 
     assert loss.item() == pytest.approx(trl_loss.item(), abs=1e-5)
@@ -212,6 +223,47 @@ def test_rpo_logs_the_preference_loss_beside_the_total_it_optimises(tmp_path):
     assert rpo["nll/train"] > 1.0
 
 
+def test_length_robust_losses_run_and_report_accuracy_by_length(tmp_path, monkeypatch):
+    """The tiny recipe with LD-DPO and R-DPO: report.json holds the held-out accuracy by length before and after,
+    equal to the logged metrics, its counts covering every validation pair; before training every bucket is an
+    exact tie (the rewards stay DPO's whole-response ones). A second run reads the split reference log-probs from
+    the cache and trains identically."""
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    common = ["train.max_steps=2", "log.every=1", "loss.ld_alpha=0.5", "loss.rdpo_alpha=0.01"]
+    _, report = run(tmp_path, "robust", *common)
+    saved = json.loads((tmp_path / "robust" / "report.json").read_text())
+    assert saved["ld_alpha"] == 0.5 and saved["rdpo_alpha"] == 0.01
+    before, after = saved["val_by_length_before"], saved["val_by_length"]
+    validation = saved["data"]["validation"]
+    n_val = validation["total"] - sum(validation["dropped"].values())
+    counts = [after[b]["n"] for b in ("chosen_longer", "chosen_shorter", "same_length")]
+    assert counts == [before[b]["n"] for b in ("chosen_longer", "chosen_shorter", "same_length")]
+    assert counts[0] > 0 and counts[1] > 0 and sum(counts) == n_val
+    assert all(before[b]["accuracy"] == 0.5 for b in ("chosen_longer", "chosen_shorter"))
+    rows = [json.loads(line) for line in open(tmp_path / "robust" / "metrics.jsonl")]
+    last = [r for r in rows if "accuracy/chosen_longer/val" in r][-1]
+    assert last["accuracy/chosen_longer/val"] == after["chosen_longer"]["accuracy"]
+    assert last["accuracy/chosen_shorter/val"] == after["chosen_shorter"]["accuracy"]
+    assert last["pairs/chosen_shorter/val"] == after["chosen_shorter"]["n"]
+    assert after["shorter_wins_heuristic"] == pytest.approx((counts[1] + 0.5 * counts[2]) / sum(counts))
+    # the overall accuracy is the count-weighted mean of the buckets'
+    overall = sum(after[b]["accuracy"] * after[b]["n"] for b in ("chosen_longer", "chosen_shorter", "same_length")
+                  if after[b]["n"]) / sum(counts)
+    assert report["val_accuracy"] == pytest.approx(overall, abs=1e-6)  # summed in float32
+
+    def no_reference_forward(*args, **kwargs):
+        raise AssertionError("the reference forward ran although its log-probs are cached")
+
+    monkeypatch.setattr(dpo, "_compute_reference", no_reference_forward)
+    _, again = run(tmp_path, "again", *common)
+    assert again["reference"]["forwards"] == 0
+    losses_of = lambda d: [r["loss/train"] for r in map(json.loads, open(tmp_path / d / "metrics.jsonl"))  # noqa: E731
+                           if "loss/train" in r]
+    assert losses_of("again") == losses_of("robust")
+    _, plain = run(tmp_path, "plain", "train.max_steps=2", "log.every=1")
+    assert losses_of("plain")[0] != losses_of("robust")[0]  # the length controls change the loss from step 1
+
+
 def test_rankings_become_pairs(tmp_path):
     rows = [{"prompt": "Pick a color", "responses": ["Blue", "Green", "Red", "Beige"], "ranks": [0, 1, 1, 2]}]
     examples = formats.convert_records([formats.Record(r, formats.Origin("x.jsonl", 1)) for r in rows], "ranking",
@@ -255,6 +307,18 @@ def test_empty_response_is_an_error_naming_file_line_and_field(tmp_path):
 def test_config_errors_name_the_key(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(DPOConfig, TINY_DPO, [f"output_dir={tmp_path}", *overrides])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loss.type=ipo", "loss.rdpo_alpha=0.01"], r"loss.rdpo_alpha \(R-DPO\) applies to loss.type sigmoid"),
+    (["loss.type=simpo", "loss.rdpo_alpha=0.01"], r"loss.rdpo_alpha"),
+    (["loss.type=simpo", "loss.ld_alpha=0.5"], r"loss.ld_alpha \(LD-DPO\) applies"),
+])
+def test_length_controls_on_a_loss_they_do_not_apply_to_are_refused_before_the_run(tmp_path, overrides, message):
+    cfg = load_config(DPOConfig, TINY_DPO, [f"output_dir={tmp_path / 'run'}", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        dpo.main(cfg)
+    assert not (tmp_path / "run").exists()
 
 
 # ---- a DPO policy as a reward model ---------------------------------------------------------------------------

@@ -225,3 +225,118 @@ def test_preference_stats_count_a_tie_as_half():
     s = losses.summarize_preference_stats(losses.preference_stats(loss, rc, rr, rc, rr), "val")
     assert s["accuracy/val"] == pytest.approx((1 + 0.5 + 0) / 3)
     assert s["rewards/margin/val"] == pytest.approx((1 + 0 - 2) / 3)
+
+
+# ---- the length shortcut: R-DPO, LD-DPO, accuracy by length ---------------------------------------------------
+
+def test_rdpo_adds_alpha_times_the_length_difference_to_the_margin():
+    pc, pr, rc, rr = torch.tensor([-10.0, -7.0]), torch.tensor([-12.0, -9.0]), torch.tensor([-11.0, -8.0]), \
+        torch.tensor([-11.5, -8.5])
+    nc, nr = torch.tensor([30, 4]), torch.tensor([10, 12])  # chosen longer by 20, then shorter by 8
+    beta, alpha = 0.2, 0.01
+    h = [(-10 + 11) - (-12 + 11.5), (-7 + 8) - (-9 + 8.5)]  # 1.5, 1.5
+    margins = [beta * h[0] + alpha * 20, beta * h[1] + alpha * -8]
+    got = losses.preference_loss("sigmoid", pc, pr, rc, rr, nc, nr, beta, rdpo_alpha=alpha)
+    assert got.tolist() == pytest.approx([-math.log(_sig(m)) for m in margins], rel=1e-6)
+    hinge = losses.preference_loss("hinge", pc, pr, rc, rr, nc, nr, beta, rdpo_alpha=alpha)
+    assert hinge.tolist() == pytest.approx([max(0.0, 1 - m) for m in margins], rel=1e-6)
+    # the length term favours the longer chosen response, so the policy is pushed less to prefer it
+    assert got[0] < losses.preference_loss("sigmoid", pc[:1], pr[:1], rc[:1], rr[:1], nc[:1], nr[:1], beta)[0]
+
+
+def test_rdpo_alpha_zero_is_plain_dpo_and_other_losses_are_refused():
+    pc, pr, rc, rr = torch.randn(4), torch.randn(4), torch.randn(4), torch.randn(4)
+    nc, nr = torch.tensor([3, 9, 5, 5]), torch.tensor([7, 2, 5, 1])
+    for kind in ("sigmoid", "hinge"):
+        assert torch.equal(losses.preference_loss(kind, pc, pr, rc, rr, nc, nr, 0.1, rdpo_alpha=0.0),
+                           losses.preference_loss(kind, pc, pr, rc, rr, nc, nr, 0.1))
+    for kind in ("ipo", "simpo"):
+        with pytest.raises(ValueError, match="R-DPO"):
+            losses.preference_loss(kind, pc, pr, rc, rr, nc, nr, 0.1, rdpo_alpha=0.01)
+
+
+def test_tail_logprobs_sum_each_sequence_past_its_kept_prefix_like_a_loop():
+    token_logps = torch.tensor([-1.0, -2.0, -0.5, -0.25, -3.0, -1.5, -0.75, -4.0])
+    counts, keep = torch.tensor([2, 4, 2]), torch.tensor([2, 1, 0])
+    expected, k = [], 0
+    for c, m in zip(counts.tolist(), keep.tolist()):
+        expected.append(sum(token_logps[k + m: k + c].tolist()))
+        k += c
+    assert losses.tail_logprobs(token_logps, counts, keep).tolist() == pytest.approx(expected)  # [0, -4.75, -4.75]
+
+
+def _ld_pair(alpha):
+    """One pair: chosen 2 response tokens, rejected 4; policy and reference token log-probs as given."""
+    policy = torch.tensor([-1.0, -2.0, -0.5, -0.25, -3.0, -1.5])  # chosen [-1, -2], rejected [-0.5, -0.25, -3, -1.5]
+    ref = torch.tensor([-1.5, -1.0, -0.75, -0.5, -1.0, -1.0])
+    counts, public = torch.tensor([2, 4]), torch.tensor([2, 2])
+    out = []
+    for t in (policy, ref):
+        full, tail = losses.sequence_logprobs(t, counts), losses.tail_logprobs(t, counts, public)
+        out.append(losses.ld_logprobs(full, tail, alpha) if alpha is not None else full)
+    (pc, pr), (rc, rr) = out
+    return losses.preference_loss("sigmoid", pc[None], pr[None], rc[None], rr[None], None, None, 0.5)
+
+
+def test_ld_dpo_matches_hand_computation():
+    alpha, beta = 0.3, 0.5
+    # chosen is the shorter (l_p = 2): unchanged; rejected: its first 2 tokens plus alpha x the other 2
+    pc, rc = -1 - 2, -1.5 - 1
+    pr, rr = -0.5 - 0.25 + alpha * (-3 - 1.5), -0.75 - 0.5 + alpha * (-1 - 1)
+    h = (pc - rc) - (pr - rr)
+    assert _ld_pair(alpha).item() == pytest.approx(-math.log(_sig(beta * h)), rel=1e-6)
+
+
+def test_ld_alpha_one_is_plain_dpo_exactly():
+    assert torch.equal(_ld_pair(1.0), _ld_pair(None))
+    assert not torch.equal(_ld_pair(0.5), _ld_pair(None))
+
+
+def test_ld_dpo_equals_trls_masks_on_a_padded_batch():
+    """TRL 1.16 DPOTrainer._compute_loss with ld_alpha, on a padded [2B, T] batch of per-token log-probs (rows
+    [chosen..., rejected...], completion_mask shifted as TRL does): its shared + ld_alpha * tail sums, restated
+    line for line, equal ours from the same tokens laid out sequence by sequence."""
+    torch.manual_seed(0)
+    alpha, b = 0.4, 3
+    lengths = [5, 2, 4, 3, 6, 4]  # chosen 5, 2, 4; rejected 3, 6, 4 (the last pair: equal lengths)
+    prompt, width = 3, 12
+    completion_mask = torch.zeros(2 * b, width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        completion_mask[row, prompt: prompt + n] = 1
+    per_token_logps = -torch.rand(2 * b, width - 1)
+    # TRL (the labels are shifted, so the log-prob of token t sits at t - 1):
+    shift_completion_mask = completion_mask[..., 1:]
+    per_token_logps = per_token_logps * shift_completion_mask
+    comp_pos = shift_completion_mask.cumsum(dim=1)
+    comp_lens = shift_completion_mask.sum(dim=1).long()
+    chosen_lens, rejected_lens = comp_lens.chunk(2, dim=0)
+    shared_lens = torch.minimum(chosen_lens, rejected_lens)
+    shared_lens = torch.cat([shared_lens, shared_lens], dim=0)
+    shared_mask = (comp_pos > 0) & (comp_pos <= shared_lens.unsqueeze(1))
+    tail_mask = comp_pos > shared_lens.unsqueeze(1)
+    trl = (per_token_logps * shared_mask).sum(dim=1) + alpha * (per_token_logps * tail_mask).sum(dim=1)
+    # ours: the target log-probs in sequence order, counts, keep = min(|y_w|, |y_l|) of each sequence's pair
+    flat = per_token_logps[shift_completion_mask.bool()]
+    counts = torch.tensor(lengths)
+    keep = torch.minimum(counts[:b], counts[b:]).repeat(2)
+    ours = losses.ld_logprobs(losses.sequence_logprobs(flat, counts), losses.tail_logprobs(flat, counts, keep), alpha)
+    torch.testing.assert_close(ours, trl, atol=1e-6, rtol=1e-6)
+
+
+def test_length_split_counts_and_accuracies_equal_a_direct_computation():
+    margin = torch.tensor([0.3, -0.2, 0.0, 0.5, -1.0, 0.1, 0.2, -0.4])
+    nc = torch.tensor([10, 12, 5, 3, 4, 7, 7, 2])
+    nr = torch.tensor([4, 8, 9, 9, 4, 1, 20, 6])
+    got = losses.summarize_length_split(losses.length_split_stats(margin, nc, nr), "val")
+    right = [1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margin.tolist()]
+    buckets = {"chosen_longer": [i for i in range(8) if nc[i] > nr[i]],
+               "chosen_shorter": [i for i in range(8) if nc[i] < nr[i]],
+               "same_length": [i for i in range(8) if nc[i] == nr[i]]}
+    assert [len(v) for v in buckets.values()] == [3, 4, 1]
+    for name, ids in buckets.items():
+        assert got[f"pairs/{name}/val"] == len(ids)
+        assert got[f"accuracy/{name}/val"] == pytest.approx(sum(right[i] for i in ids) / len(ids))
+    assert got["accuracy/shorter_wins/val"] == pytest.approx((4 + 0.5) / 8)
+    # no pair in a bucket: its count is 0 and it has no accuracy (not 0, not NaN)
+    none_same = losses.summarize_length_split(losses.length_split_stats(margin[:2], nc[:2], nr[:2]), "val")
+    assert none_same["pairs/same_length/val"] == 0 and "accuracy/same_length/val" not in none_same
