@@ -510,10 +510,15 @@ def read_text(path: str) -> str:
     return Path(path).read_bytes().decode("utf-8", "surrogateescape")
 
 
-def scan_file(path: str, split: str = "train") -> PersonalData:
+def scan_file(path: str, split: str = "train", lines: Optional[set[int]] = None) -> PersonalData:
+    """Personal data in a file, by line (text files) or row. `lines`: for a JSONL file, count only these lines (the
+    records a recipe reads: offset/limit); other files are counted whole (a record may span lines there)."""
     found: dict[str, list[int]] = {k: [] for k in PERSONAL_KINDS}
     if is_text_file(path):
+        only = lines if lines is not None and Path(path).suffix.lower() == ".jsonl" else None
         for lineno, line in enumerate(read_text(path).splitlines(), 1):
+            if only is not None and lineno not in only:
+                continue
             for kind, _, _ in find_personal(line):
                 found[kind].append(lineno)
         return PersonalData(path, "line", found)
@@ -578,6 +583,8 @@ class FileEntry:
     """Records the stage leaves out (data.*.skip_invalid), by reason."""
     split: str = "train"
     """The split read, for a `datasets` path."""
+    lines: list[int] = field(default_factory=list, repr=False)
+    """The line (row) of each record read: a JSONL file's personal-data count covers these records only."""
 
 
 @dataclass
@@ -605,8 +612,8 @@ def load_source(source: Any, kind: str, stage: str, role: str) -> Loaded:
     if not examples:
         raise DataError(f"{source.path}: no usable examples ({len(skipped_at)} records skipped)")
     skipped = dict(Counter(reason for _, reason in skipped_at))
-    return Loaded(FileEntry(stage, role, source.path, fmt.name, len(records), len(examples), skipped, source.split),
-                  examples, skipped_at)
+    return Loaded(FileEntry(stage, role, source.path, fmt.name, len(records), len(examples), skipped, source.split,
+                            [r.origin.line for r in records]), examples, skipped_at)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -852,19 +859,18 @@ def audit_stage(cfg: Any, stage: str, tokenizer=None) -> AuditReport:
     lengths when a tokenizer is given. Raises DataError (one line: file, line, field) on bad input."""
     start = time.perf_counter()
     report, files, _ = _audit_one(cfg, stage, tokenizer, Sketches())
-    personal = [scan_file(p, s) for p, s in _unique_inputs(files)]
+    personal = [scan_file(p, s, lines) for p, s, lines in _unique_inputs(files)]
     return AuditReport(None, files, [report], personal, seconds=time.perf_counter() - start)
 
 
-def _unique_inputs(files: Sequence[FileEntry]) -> list[tuple[str, str]]:
-    """(path, split) of each input file once (a file several stages read is scanned once)."""
-    seen, out = set(), []
+def _unique_inputs(files: Sequence[FileEntry]) -> list[tuple[str, str, set[int]]]:
+    """(path, split, lines read) of each input file once (a file several stages read is scanned once, over the
+    union of the records they read)."""
+    seen: dict[str, tuple[str, str, set[int]]] = {}
     for f in files:
         key = str(Path(f.path).resolve()) if is_text_file(f.path) else f"{f.path}@{f.split}"
-        if key not in seen:
-            seen.add(key)
-            out.append((f.path, f.split))
-    return out
+        seen.setdefault(key, (f.path, f.split, set()))[2].update(f.lines)
+    return list(seen.values())
 
 
 def audit_pipeline(cfg: PipelineConfig, where: str = "pipeline",
@@ -892,7 +898,7 @@ def audit_pipeline(cfg: PipelineConfig, where: str = "pipeline",
         for st, items in trained:
             prompts_seen = index_of(items, lambda it: it.prompt, st.cfg.audit.near_duplicate_threshold, sketches)
             evaluation_leaks += find_leaks(held, prompts_seen, sketches, grain="prompt")
-    personal = [scan_file(p, s) for p, s in _unique_inputs(files)]
+    personal = [scan_file(p, s, lines) for p, s, lines in _unique_inputs(files)]
     return AuditReport(where, files, stages, personal, evaluation_leaks, time.perf_counter() - start)
 
 

@@ -133,6 +133,21 @@ def test_personal_data_is_counted_by_line_and_never_shown(tmp_path):
     assert "lines 5" in shown[1] and json.loads(shown[2])["counts"]["personal_data"] == 3
 
 
+def test_personal_data_counts_only_the_records_a_recipe_reads(tmp_path):
+    rows = sft_rows(10)
+    rows[7]["completion"] += f" write to {EMAIL}"  # line 8
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    first = audit.audit_stage(config(SFTConfig, "sft", path), "sft")
+    assert first.counts["emails"] == 1
+
+    def emails(**source):
+        layer = {"output_dir": "unused", "model": {"name_or_path": str(TINY), "init": "random"},
+                 "data": {"train": {"path": str(path), **source}}}
+        return audit.audit_stage(load_config(SFTConfig, layers=[layer]), "sft").counts["emails"]
+
+    assert emails(limit=5) == 0 and emails(offset=7, limit=2) == 1
+
+
 def test_masking_leaves_every_other_byte_alone():
     line = f'{{"a": "mail {EMAIL}, tel {PHONE}\\n+44 20 7946 0958 or {CARD}; not {NOT_A_CARD} 2020-05-01 x"}}'
     masked = audit.mask_personal(line)
