@@ -274,8 +274,8 @@ class AuditConfig:
     duplicates, train/validation leaks, empty responses, contradictory pairs, personal data. Written to
     output_dir/audit.md and audit.json; its counts go to report.json and the model card."""
     near_duplicate_threshold: float = 0.8
-    """Estimated Jaccard similarity of word 5-gram sets (MinHash) at or above which two records are near
-    duplicates."""
+    """Jaccard similarity of two records' word 5-gram sets at or above which they are near duplicates (MinHash
+    proposes the candidate pairs; their exact Jaccard decides)."""
     fail_on_leak: bool = False
     """Stop before training when a validation or evaluation record also appears in the training data."""
 

@@ -40,7 +40,7 @@ from typing import Any, Optional
 
 import torch
 
-from . import formats, train
+from . import card, formats, train
 from .config import (
     STAGES,
     AlignError,
@@ -210,7 +210,7 @@ def is_complete(stage: Stage, ledger: Ledger) -> bool:
 
 
 # What a pipeline writes at its top level (stage and evaluation folders are cleared by their own rules).
-PIPELINE_FILES = ("pipeline.json", "pipeline.yaml", "report.md", "report.json",
+PIPELINE_FILES = ("pipeline.json", "pipeline.yaml", "report.md", "report.json", "audit.md", "audit.json",
                   *(f"curves_{name}.png" for name in STAGES))
 
 
@@ -359,6 +359,11 @@ def run_evaluations(todo: list[tuple[str, EvalConfig]], stages: list[Stage], led
         results[name] = evaluate.main(ev, baseline_cache=cache)
         release_memory()
         ledger.set("evaluations", name, fingerprint=fp, seconds=time.perf_counter() - start)
+        if ledger.is_main:  # the stage's model card gets the win rate (a rerun replaces the block)
+            folder = next(s.folder for s in stages if s.name == name)
+            for kind in ("model", "merged"):  # the block names the baseline and the judge
+                if (folder / kind).is_dir():
+                    card.add_evaluation(folder / kind, results[name], "Win rate against the baseline")
     return results
 
 
@@ -460,8 +465,66 @@ def precision_lines(stages: list[Stage], reports: dict[str, dict], evals: dict[s
     return ["", *(f"Precision of {', '.join(names)}: {what}." for what, names in used.items())] if used else []
 
 
+def forgetting_line(name: str, f: dict) -> str:
+    """One stage's forgetting check, as measured (its report's `forgetting`)."""
+    loss = f.get("text_loss") or {}
+    kl = f.get("kl_from_start") or {}
+    parts = [f"general-text loss {show(loss.get('before'), 4)} -> {show(loss.get('after'), 4)} (rise "
+             f"{show(loss.get('rise'), 4)}, 95% CI {_ci(loss.get('ci95'))})",
+             f"KL from its start on general prompts {show(kl.get('value'), 4)} (95% CI {_ci(kl.get('ci95'))})"]
+    em = f.get("exact_match")
+    if em:
+        parts.append(f"exact-match accuracy {show(em.get('before'))} -> {show(em.get('after'))}")
+    verdict = "**flagged**: " + "; ".join(f.get("flags", [])) if f.get("flagged") else "not flagged"
+    return f"- {name}: {', '.join(parts)}; {verdict}."
+
+
+def _ci(ci: Optional[list]) -> str:
+    return "n/a" if not ci else f"[{ci[0]:.4f}, {ci[1]:.4f}]"
+
+
+def length_warning(name: str, report: dict) -> Optional[str]:
+    """Whether a stage's held-out accuracy after training is carried by length (reward_models.metrics.length_carried,
+    on the accuracy split by which response is longer: the rm stage's validation report, DPO's val_by_length)."""
+    from reward_models.metrics import length_carried
+
+    split = (report.get("validation") or {}).get("length_bias") if name == "rm" else report.get("val_by_length")
+    return length_carried(split) if split else None
+
+
+def safeguard_lines(stages: list[Stage], reports: dict[str, dict], audit_counts: Optional[dict]) -> list[str]:
+    """The report's safeguards: what the data audit found, each stage's forgetting check, results carried by length,
+    and early stopping."""
+    lines = ["", "## Safeguards", ""]
+    if audit_counts:
+        c = audit_counts
+        lines.append(f"Data audit (audit.md): {c['records']} records read by the stages; {c['exact_duplicates']} exact "
+                     f"and {c['near_duplicates']} near duplicates, {c['leaks']} held-out records also in training "
+                     f"data, {c['contradictory_pairs']} contradictory pairs, {c['empty_responses']} empty responses, "
+                     f"{c['personal_data']} personal-data values (e-mail, phone, card numbers; lines in audit.md).")
+    else:
+        lines.append("Data audit: off (audit.enabled=false).")
+    checked = [(s.name, reports[s.name]["forgetting"]) for s in stages if reports[s.name].get("forgetting")]
+    if checked:
+        lines += ["", "Forgetting (each policy stage against the model it started from, on general text and prompts "
+                      "it was not trained on):", ""]
+        lines += [forgetting_line(name, f) for name, f in checked]
+    for s in stages:
+        warning = length_warning(s.name, reports[s.name])
+        if warning:
+            lines += ["", f"**Carried by length ({s.name}):** {warning}"]
+    for s in stages:
+        es = reports[s.name].get("early_stopping")
+        if es:
+            stopped = f"stopped at step {es['stopped_at']}" if es.get("stopped_at") is not None else "ran to the end"
+            kept = reports[s.name].get("final_model", "last")
+            lines += ["", f"Early stopping ({s.name}): {stopped}; best {es['metric']} {show(es.get('best'), 4)} at "
+                          f"step {es.get('best_step')}; model/ holds the {kept}."]
+    return lines
+
+
 def write_report(cfg: PipelineConfig, stages: list[Stage], reports: dict[str, dict], evals: dict[str, dict],
-                 ledger: Ledger, overlap: list[str]) -> Path:
+                 ledger: Ledger, overlap: list[str], audit_counts: Optional[dict] = None) -> Path:
     root = Path(cfg.output_dir)
     lines = [f"# align pipeline: {root}", "",
              f"Stages: {' -> '.join(s.name for s in stages)}. Every number below is read from the stage's report.json "
@@ -490,6 +553,7 @@ def write_report(cfg: PipelineConfig, stages: list[Stage], reports: dict[str, di
                      (("rewards", "rewards.png"), ("KL vs reward", "kl_vs_reward.png"), ("lengths", "lengths.png"))
                      if (root / rel / file).is_file()]  # no KL plot where the KL is not defined (top_p < 1)
             lines += ["", f"### {name}", "", " ".join(f"![{title}]({path})" for title, path in plots)]
+    lines += safeguard_lines(stages, reports, audit_counts)
     lines += ["", "## Stages"]
     for s in stages:
         lines += ["", f"### {s.name}", "", stage_headline(s.name, reports[s.name]) + "."]
@@ -501,7 +565,7 @@ def write_report(cfg: PipelineConfig, stages: list[Stage], reports: dict[str, di
         "stages": {s.name: {"folder": str(s.folder), "headline": stage_headline(s.name, reports[s.name]),
                             "seconds": ledger.get("stages", s.name).get("seconds"), "report": reports[s.name]}
                    for s in stages},
-        "evaluations": evals, "evaluation_overlaps_training": overlap})
+        "evaluations": evals, "evaluation_overlaps_training": overlap, "audit": audit_counts})
     return path
 
 
@@ -528,6 +592,15 @@ def main(cfg: PipelineConfig, where: str = "pipeline") -> dict:
     if overlap:
         log.warning("the evaluation prompts overlap the training records of %s: the win rates will not be held out",
                     ", ".join(overlap))
+    found = None
+    if cfg.audit.enabled:  # the whole chain's data, and the evaluation prompts against every stage's training data
+        from . import audit
+
+        found = audit.audit_pipeline(cfg, where)
+        log.info("%s", found.summary())
+        if cfg.audit.fail_on_leak and found.leaks:
+            raise ConfigError(f"the data audit found {found.leaks} held-out record(s) that are also in training data "
+                              f"(audit.fail_on_leak=true); `python -m align.data audit {where}` names their lines")
     root = Path(cfg.output_dir)
     check_folder(root)
     if not cfg.overwrite:
@@ -543,6 +616,8 @@ def main(cfg: PipelineConfig, where: str = "pipeline") -> dict:
         if cfg.overwrite:
             clear_folder(root)
         train.write_text_atomic(root / "pipeline.yaml", to_yaml(cfg))
+        if found is not None:
+            found.write(root)
     state.wait_for_everyone()
     ledger = Ledger(root, is_main)
 
@@ -558,7 +633,7 @@ def main(cfg: PipelineConfig, where: str = "pipeline") -> dict:
                                                              "lc_win_rate_ci95", "kl", "n")}
                                for name, ev in evals.items()}}
     if is_main:
-        path = write_report(cfg, stages, reports, evals, ledger, overlap)
+        path = write_report(cfg, stages, reports, evals, ledger, overlap, found.counts if found else None)
         print_headline(summary, path)
     lock.release()
     return summary

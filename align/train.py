@@ -569,6 +569,7 @@ class Run:
         self._tb = self._wandb = None
         self._metrics_file = None
         self._sharded_optimizer_states: dict[str, dict] = {}  # resumed under FSDP, loaded after prepare
+        self.audit = None  # what the data audit found (run.start), for report.json and the model card
         check_output_dir(self.dir)
         if not holds_files(self.dir):
             return
@@ -624,12 +625,24 @@ class Run:
             raise ConfigError("train.early_stopping and train.keep_best act on held-out evaluations, and this run has "
                               "no held-out data: set data.validation or data.validation_fraction")
         check_final_model(train_cfg, self.accelerator)
+        audit_cfg = getattr(self.cfg, "audit", None)
+        if audit_cfg is not None and audit_cfg.enabled:  # every process reads the same data: all decide alike
+            from . import audit
+
+            self.audit = audit.audit_stage(self.cfg, self.stage)
+            log.info("%s", self.audit.summary())
+            if audit_cfg.fail_on_leak and self.audit.leaks:
+                raise ConfigError(f"the data audit found {self.audit.leaks} held-out record(s) that are also in the "
+                                  f"training data (audit.fail_on_leak=true); `python -m align.data audit RECIPE` "
+                                  f"names their lines")
         self.accelerator.wait_for_everyone()  # every process has checked the folder before the main one writes in it
         if self.is_main:
             self._prepare_folder()
         self.accelerator.wait_for_everyone()
         if self.is_main:
             self._open_writers(self.cfg.log)
+            if self.audit is not None:
+                self.audit.write(self.dir)
 
     # -- folder -----------------------------------------------------------------------------------------------
     def _prepare_folder(self) -> None:
@@ -846,9 +859,18 @@ class Run:
 
     # -- the end ----------------------------------------------------------------------------------------------
     def finish(self, report: dict) -> None:
+        """report.json (which marks the run complete), then a model card (README.md) in every model folder the run
+        wrote, made from that report (align/card.py)."""
+        from . import card
+
         report["precision"] = self.precision.as_dict()  # what it computed in, and why (auto's reason)
+        if self.audit is not None:
+            report["audit"] = self.audit.counts
         if self.is_main:
             write_json_atomic(self.dir / "report.json", {"stage": self.stage, **report})
+            for kind in ("model", "merged", BEST_DIR):
+                if (self.dir / kind).is_dir():
+                    card.write(self.dir / kind, self.cfg, self.stage, report, kind)
         self.close()
         self.accelerator.wait_for_everyone()
 
