@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import data, formats, losses, models, train
+from . import data, forgetting, formats, losses, models, train
 from .config import SFTConfig, run_cli
 
 log = logging.getLogger("align")
@@ -71,6 +71,8 @@ def main(cfg: SFTConfig) -> dict:
         tokenizer = models.load_tokenizer(cfg.model)
     train_set, val_set, data_report = load_data(cfg, tokenizer)
     model = models.load_causal_lm(cfg.model, cfg.lora, cfg.seed, cfg.train.gradient_checkpointing)
+    check = (forgetting.Check(cfg.forgetting, tokenizer, accelerator, run.dir, cfg.seed)
+             if cfg.forgetting.enabled else None)  # what training may cost on general text and prompts
     trainable, total = models.count_parameters(model)
     log.info("model %s: %.1fM parameters, %.2fM trainable (%s)", cfg.model.name_or_path, total / 1e6,
              trainable / 1e6, "LoRA" if cfg.lora.enabled else "full")
@@ -80,6 +82,8 @@ def main(cfg: SFTConfig) -> dict:
     evaluate = (lambda: evaluate_nll(model, val_set, cfg, accelerator, pad_id)) if val_set else None
 
     before = run.before_training(schedule.start, evaluate)  # measured now, or read back on a resume
+    if check:
+        check.before(model, schedule.start)  # likewise: forgetting_before.json
     if before and schedule.start == 0:
         log.info("held-out loss before training: %.4f (perplexity %.2f)", before["loss/val"], before["ppl/val"])
 
@@ -109,6 +113,8 @@ def main(cfg: SFTConfig) -> dict:
         report["val_loss_before"], report["val_ppl_before"] = before["loss/val"], before["ppl/val"]
     if after:
         report["val_loss"], report["val_ppl"] = after["loss/val"], after["ppl/val"]
+    if check:
+        report["forgetting"] = check.after(model)  # logs before -> after and any flags
     train.save_policy(run, model, tokenizer, cfg, base_location, report)
     run.finish(report)
     if before and after:
