@@ -76,7 +76,7 @@ def main(cfg: SFTConfig) -> dict:
     trainable, total = models.count_parameters(model)
     log.info("model %s: %.1fM parameters, %.2fM trainable (%s)", cfg.model.name_or_path, total / 1e6,
              trainable / 1e6, "LoRA" if cfg.lora.enabled else "full")
-    run.start()  # inputs are good: now the run folder is created
+    run.start(held_out=bool(val_set))  # inputs are good: now the run folder is created
     model, schedule = train.prepare(model, cfg, accelerator, run, len(train_set))
     pad_id = tokenizer.pad_token_id
     evaluate = (lambda: evaluate_nll(model, val_set, cfg, accelerator, pad_id)) if val_set else None
@@ -88,7 +88,7 @@ def main(cfg: SFTConfig) -> dict:
         log.info("held-out loss before training: %.4f (perplexity %.2f)", before["loss/val"], before["ppl/val"])
 
     # ---- the loop -------------------------------------------------------------------------------------------
-    loop = train.Loop(cfg, run, accelerator, model, tokenizer, schedule, evaluate, base_location)
+    loop = train.Loop(cfg, run, accelerator, model, tokenizer, schedule, evaluate, base_location, before=before)
     for step, micro_batches in loop:
         num_targets = sum(train_set[i].num_targets for i in loop.batch_ids)  # global count: no communication
         nll = torch.zeros((), device=accelerator.device)
@@ -104,11 +104,9 @@ def main(cfg: SFTConfig) -> dict:
         loop.end_step(step, {"loss/train": train_loss}, tokens=sum(len(train_set[i]) for i in loop.batch_ids))
 
     # ---- evaluate and save ----------------------------------------------------------------------------------
-    after = evaluate() if evaluate else {}
-    if after:
-        run.log(after, step=schedule.num_steps)
-    report = {"steps": schedule.num_steps, "train_loss": loop.last_metrics.get("loss/train"), "data": data_report,
-              "model": str(run.dir / "model")}
+    after = loop.final_evaluation()  # with train.final_model=best, the best model's (its weights put back)
+    report = {"train_loss": loop.last_metrics.get("loss/train"), "data": data_report, "model": str(run.dir / "model"),
+              **loop.outcome()}
     if before:
         report["val_loss_before"], report["val_ppl_before"] = before["loss/val"], before["ppl/val"]
     if after:
