@@ -40,7 +40,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import data, formats, losses, models, rewards, rollout, train
+from . import data, forgetting, formats, losses, models, rewards, rollout, train
 from .config import AlignError, ConfigError, GRPOConfig, LoraConfig, ModelConfig, PPOConfig, run_cli
 from .rewards import load_reward, score_terms
 
@@ -544,6 +544,8 @@ def main(cfg: PPOConfig) -> dict:
         frozen_ref = copy.deepcopy(policy)
     if frozen_ref is not None:
         frozen_ref.requires_grad_(False).eval().to(device)
+    check = (forgetting.Check(cfg.forgetting, tokenizer, accelerator, run.dir, cfg.seed)
+             if cfg.forgetting.enabled else None)  # what training may cost on general text and prompts
     critic = critic_source = None
     if algo.advantage == "gae":  # the group family's baseline comes from the group: no value model
         critic, critic_source = load_critic(cfg, base_location, tokenizer)
@@ -602,6 +604,8 @@ def main(cfg: PPOConfig) -> dict:
     before = run.before_training(start, held_out if val_prompts else None)  # measured now, or read back
     if before and start == 0:
         watch.observe(0, before, save_best)
+    if check:
+        check.before(policy, start)  # measured now (forgetting_before.json), or read back on a resume
     if before and start == 0:
         log.info("held-out before training: reward %.4f, KL %.3f, length %.1f, EOS rate %.2f", before["reward/val"],
                  before["kl/val"], before["response/length/val"], before["response/eos_rate/val"])
@@ -681,6 +685,8 @@ def main(cfg: PPOConfig) -> dict:
               "last_train": last, "seconds": totals, "model": str(run.dir / "model")}
     if watch.active:
         report.update(early_stopping=watch.summary(), final_model=final_model)
+    if check:
+        report["forgetting"] = check.after(policy)  # logs before -> after and any flags
     if before:
         report["before"] = before
     if after:

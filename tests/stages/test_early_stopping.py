@@ -1,5 +1,6 @@
 """Early stopping and the best model in a real stage: the reward model on the tiny recipe with a scripted held-out
-loss (so the step it must stop at is known), a resume in the middle of the patience, and PPO on its held-out reward."""
+loss (so the step it must stop at is known), a resume in the middle of the patience, and PPO on its held-out reward
+(with its forgetting check)."""
 
 import json
 import shutil
@@ -110,9 +111,12 @@ def test_ppo_keeps_the_policy_of_its_best_held_out_reward(tmp_path, monkeypatch)
     out = tmp_path / "ppo"
     cfg = load_config(PPOConfig, TINY_PPO, [f"output_dir={out}", "log.progress=false", "train.eval_every=2",
                                             "train.early_stopping.enabled=true", "train.early_stopping.patience=2",
-                                            "train.keep_best=true", "train.final_model=best"])
+                                            "train.keep_best=true", "train.final_model=best",
+                                            "forgetting.enabled=true"])
     report = ppo.main(cfg)
     assert report["iterations"] == 8 and report["early_stopping"]["best_step"] == 4
     assert report["early_stopping"]["stopped_at"] == 8 and report["final_model"] == "best (step 4)"
     assert json.loads((out / "best" / "best.json").read_text())["value"] == 0.5
     assert same(weights(out / "model"), weights(out / "best"))
+    # the forgetting check runs in PPO's loop too (measured on the model it keeps)
+    assert report["forgetting"]["records"] == 32 and (out / "forgetting_before.json").is_file()
