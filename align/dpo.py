@@ -39,7 +39,9 @@ from typing import ClassVar, NamedTuple, Optional, Sequence
 
 import torch
 
-from . import data, formats, losses, models, train
+from reward_models.metrics import length_carried
+
+from . import data, forgetting, formats, losses, models, train
 from .config import ConfigError, DPOConfig, LoraConfig, run_cli
 
 log = logging.getLogger("align")
@@ -299,8 +301,6 @@ def length_split(metrics: dict, split: str = "val") -> dict:
 
 
 def log_length_split(when: str, split: dict) -> None:
-    from reward_models.metrics import length_carried
-
     cell = lambda c: "n/a" if c["accuracy"] is None else f"{c['accuracy']:.3f} (n={c['n']})"  # noqa: E731
     heuristic = split["shorter_wins_heuristic"]
     log.info("held-out accuracy %s by length: chosen longer %s, chosen shorter %s; 'shorter wins' alone %s", when,
@@ -337,6 +337,8 @@ def main(cfg: DPOConfig) -> dict:
     template = data.resolve_policy_template(tokenizer, cfg.data.template)
     train_pairs, val_pairs, data_report = load_pairs(cfg, tokenizer, template)
     model = models.load_causal_lm(cfg.model, cfg.lora, cfg.seed, cfg.train.gradient_checkpointing)
+    check = (forgetting.Check(cfg.forgetting, tokenizer, accelerator, run.dir, cfg.seed)
+             if cfg.forgetting.enabled else None)  # what training may cost on general text and prompts
     trainable, total = models.count_parameters(model)
     log.info("policy %s: %.1fM parameters, %.2fM trainable (%s); loss %s, beta %g", cfg.model.name_or_path,
              total / 1e6, trainable / 1e6, "LoRA" if cfg.lora.enabled else "full", cfg.loss.type, cfg.loss.beta)
@@ -348,12 +350,14 @@ def main(cfg: DPOConfig) -> dict:
     pad_id = tokenizer.pad_token_id
     sets = {"train": train_pairs, **({"validation": val_pairs} if val_pairs else {})}
     ref, ref_info = reference_logps(cfg, model, sets, accelerator, pad_id)  # before any update (and any resume)
-    run.start()
+    run.start(held_out=bool(val_pairs))
     model, schedule = train.prepare(model, cfg, accelerator, run, len(train_pairs))
     val_ref = ref.get("validation")
     evaluate = (lambda: evaluate_pairs(model, val_pairs, val_ref, cfg, accelerator, pad_id)) if val_pairs else None
 
     before = run.before_training(schedule.start, evaluate)  # measured now, or read back on a resume
+    if check:
+        check.before(model, schedule.start)  # likewise: forgetting_before.json
     if before and schedule.start == 0:
         log.info("held-out preference accuracy before training: %.3f (margin %.4f)", before["accuracy/val"],
                  before["rewards/margin/val"])
@@ -361,7 +365,7 @@ def main(cfg: DPOConfig) -> dict:
 
     # ---- the loop -------------------------------------------------------------------------------------------
     train_ref = ref.get("train")
-    loop = train.Loop(cfg, run, accelerator, model, tokenizer, schedule, evaluate, base_location)
+    loop = train.Loop(cfg, run, accelerator, model, tokenizer, schedule, evaluate, base_location, before=before)
     for step, micro_batches in loop:
         num_pairs = len(loop.batch_ids)  # the loss is a mean over the pairs of the global batch
         chosen_tokens = sum(train_pairs[i].chosen.num_targets for i in loop.batch_ids)  # RPO's token mean
@@ -390,10 +394,8 @@ def main(cfg: DPOConfig) -> dict:
         loop.end_step(step, metrics, tokens=sum(train_pairs[i].num_tokens for i in loop.batch_ids))
 
     # ---- evaluate and save ----------------------------------------------------------------------------------
-    after = evaluate() if evaluate else {}
-    if after:
-        run.log(after, step=schedule.num_steps)
-    report = {"steps": schedule.num_steps, "train_loss": loop.last_metrics.get("loss/train"),
+    after = loop.final_evaluation()  # with train.final_model=best, the best model's (its weights put back)
+    report = {**loop.outcome(), "train_loss": loop.last_metrics.get("loss/train"),
               "train_accuracy": loop.last_metrics.get("accuracy/train"), "loss_type": cfg.loss.type,
               "beta": cfg.loss.beta, "ld_alpha": cfg.loss.ld_alpha, "rdpo_alpha": cfg.loss.rdpo_alpha,
               "data": data_report, "reference": ref_info, "model": str(run.dir / "model")}
@@ -405,6 +407,11 @@ def main(cfg: DPOConfig) -> dict:
         report["val_accuracy"], report["val_margin"] = after["accuracy/val"], after["rewards/margin/val"]
         report["val_loss"] = after["loss/val"]
         report["val_by_length"] = length_split(after)
+        warning = length_carried(report["val_by_length"])
+        if warning:  # the model card and the pipeline report say so too
+            report["length_warning"] = warning
+    if check:
+        report["forgetting"] = check.after(model)  # logs before -> after and any flags
     # Where the reference lives for a later `reward_models.evaluate --policy`: an adapter's own base (null), the
     # `reference` model, or the policy's starting weights (not reloadable when they were random).
     full_ref = ref_location or (base_location if cfg.model.init == "pretrained" else None)
