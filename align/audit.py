@@ -700,7 +700,7 @@ class AuditReport:
 
     def as_dict(self) -> dict:
         return {"counts": self.counts, "recipe": self.recipe, "seconds": round(self.seconds, 3),
-                "files": [asdict(f) for f in self.files],
+                "files": [{k: v for k, v in asdict(f).items() if k != "lines"} for f in self.files],
                 "stages": [_stage_dict(s) for s in self.stages],
                 "evaluation_leaks": [asdict(m) for m in self.evaluation_leaks],
                 "personal_data": [{"file": p.file, "unit": p.unit, "found": p.found} for p in self.personal]}

@@ -67,6 +67,32 @@ def test_all_four_stages_run_and_feed_each_other(finished):
     assert set(summary["evaluations"]) == {"dpo", "ppo"}
 
 
+def test_the_safeguards_run_in_every_stage_and_the_report_shows_what_they_found(finished):
+    """The chain's data audit, the forgetting check in each policy stage (on by default), model cards with the
+    evaluation added, and the report's Safeguards section built from the stages' reports."""
+    out, _ = finished
+    pipeline_report = json.loads((out / "report.json").read_text())
+    audit = json.loads((out / "audit.json").read_text())
+    assert pipeline_report["audit"]["records"] == sum(s["records"] for s in audit["files"]) > 0
+    report_md = (out / "report.md").read_text()
+    for name in ("sft", "dpo", "ppo"):
+        report = json.loads((out / name / "report.json").read_text())
+        f = report["forgetting"]
+        assert f["records"] == 32 and f["prompts"] == 16 and (out / name / "audit.md").is_file()
+        line = next(x for x in report_md.splitlines() if x.startswith(f"- {name}: general-text loss"))
+        assert f"rise {f['text_loss']['rise']:.4f}" in line and ("**flagged**" in line) == f["flagged"]
+    assert "forgetting" not in json.loads((out / "rm" / "report.json").read_text())  # a classifier: no check
+    for name in ("dpo", "ppo"):  # each policy's card has its win rate against the baseline
+        card = (out / name / "model" / "README.md").read_text()
+        ev = json.loads((out / f"eval_{name}" / "eval.json").read_text())
+        assert card.startswith("---\n") and "Win rate against the baseline" in card
+        assert f"| win_rate | {ev['win_rate']:.4g} |" in card
+    rm_split = json.loads((out / "rm" / "report.json").read_text())["validation"]["length_bias"]
+    from reward_models.metrics import length_carried
+
+    assert (f"**Carried by length (rm):** {length_carried(rm_split)}" in report_md) == bool(length_carried(rm_split))
+
+
 def test_report_files_exist_and_their_numbers_are_the_metrics_files_numbers(finished):
     out, _ = finished
     report_md = (out / "report.md").read_text()
