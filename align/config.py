@@ -547,8 +547,10 @@ class DPOLossConfig:
     rpo_alpha: float = 0.0
     """Weight of an NLL term on the chosen responses (RPO, Pang et al. 2024; 0 disables)."""
     rdpo_alpha: float = 0.0
-    """R-DPO (Park et al. 2024): subtract rdpo_alpha x (|chosen| - |rejected|) tokens from the margin, so a
-    longer chosen response must win by more (0 disables; the paper's alpha, typically 0.001-0.05)."""
+    """R-DPO (Park et al. 2024): add rdpo_alpha x (|chosen| - |rejected|) tokens to the margin inside the sigmoid. With
+    alpha > 0 a pair whose chosen response is the longer one needs less push, so the policy learns less "longer wins"
+    (the paper's use, against verbosity); alpha < 0 works against "shorter wins" (as on HH harmlessness). 0 disables;
+    sigmoid, robust and hinge only."""
     ld_alpha: Optional[float] = None
     """LD-DPO (Liu et al. 2024; TRL's ld_alpha): weight of the log-probs of the tokens past the shorter response's
     length, in [0, 1] (1 is plain DPO; null disables)."""
@@ -561,7 +563,11 @@ class DPOLossConfig:
             raise ConfigError(f"{at}.label_smoothing: must be in [0, 0.5); got {self.label_smoothing}")
         if self.label_smoothing and self.type not in ("sigmoid", "robust"):
             raise ConfigError(f"{at}.label_smoothing applies to type sigmoid or robust, not {self.type}")
-        positive(f"{at}.rdpo_alpha", self.rdpo_alpha, allow_zero=True)
+        # the same rule as dpo.check_length_controls, here so that a pipeline's up-front check catches it
+        if self.rdpo_alpha and self.type not in ("sigmoid", "robust", "hinge"):
+            raise ConfigError(f"{at}.rdpo_alpha (R-DPO) applies to type sigmoid, robust or hinge, not {self.type}")
+        if self.ld_alpha is not None and self.type == "simpo":
+            raise ConfigError(f"{at}.ld_alpha (LD-DPO) re-weights the reference's log-probs too; simpo has none")
         if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
             raise ConfigError(f"{at}.ld_alpha: must be in [0, 1]; got {self.ld_alpha}")
         if self.type == "robust" and not self.label_smoothing:

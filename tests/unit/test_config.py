@@ -1,4 +1,5 @@
 import dataclasses
+import re
 import typing
 
 import pytest
@@ -152,3 +153,17 @@ def test_evaluate_command_line_takes_the_engine():
     assert parse_args([*flags, "--engine", "vllm"]).engine == "vllm"
     with pytest.raises(ConfigError, match="engine"):
         parse_args([*flags, "--engine", "vlm"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loss.type=ipo", "loss.rdpo_alpha=0.01"], "rdpo_alpha (R-DPO) applies to type sigmoid, robust or hinge, not ipo"),
+    (["loss.type=simpo", "loss.ld_alpha=0.5"], "ld_alpha (LD-DPO) re-weights the reference's log-probs too"),
+    (["loss.ld_alpha=1.5"], "ld_alpha: must be in [0, 1]"),
+])
+def test_length_robust_dpo_options_are_checked_with_the_loss_type(overrides, message):
+    from align.config import DPOConfig
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(DPOConfig, None, ["output_dir=x", "model.name_or_path=m", "data.train.path=f", *overrides])
+    # a negative alpha (against "shorter wins") is allowed
+    load_config(DPOConfig, None, ["output_dir=x", "model.name_or_path=m", "data.train.path=f", "loss.rdpo_alpha=-0.02"])
