@@ -563,7 +563,7 @@ class DPOLossConfig:
             raise ConfigError(f"{at}.label_smoothing: must be in [0, 0.5); got {self.label_smoothing}")
         if self.label_smoothing and self.type not in ("sigmoid", "robust"):
             raise ConfigError(f"{at}.label_smoothing applies to type sigmoid or robust, not {self.type}")
-        # the same rule as dpo.check_length_controls, here so that a pipeline's up-front check catches it
+        # R-DPO's term is added to beta h (the losses of beta h only); LD-DPO re-weights the reference's log-probs
         if self.rdpo_alpha and self.type not in ("sigmoid", "robust", "hinge"):
             raise ConfigError(f"{at}.rdpo_alpha (R-DPO) applies to type sigmoid, robust or hinge, not {self.type}")
         if self.ld_alpha is not None and self.type == "simpo":

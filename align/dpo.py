@@ -42,7 +42,7 @@ import torch
 from reward_models.metrics import length_carried
 
 from . import data, forgetting, formats, losses, models, train
-from .config import ConfigError, DPOConfig, LoraConfig, run_cli
+from .config import DPOConfig, LoraConfig, run_cli
 
 log = logging.getLogger("align")
 SETTINGS_FILE = "align_dpo.json"  # beside a saved policy: beta, loss, template, reference (reward_models reads it)
@@ -231,20 +231,6 @@ def _compute_reference(ref, pairs, cfg: DPOConfig, accelerator, pad_id: int) -> 
 # Loss and evaluation
 
 
-LD_LOSSES = ("sigmoid", "robust", "ipo", "hinge")  # LD-DPO needs a reference (TRL applies it to these too)
-
-
-def check_length_controls(cfg: DPOConfig) -> None:
-    """R-DPO's term is added to beta h: the losses of beta h only. LD-DPO re-weights the policy's and the
-    reference's log-probs: not SimPO, which has no reference and normalises by length itself."""
-    lc = cfg.loss
-    if lc.rdpo_alpha and lc.type not in losses.RDPO_LOSSES:
-        raise ConfigError(f"loss.rdpo_alpha (R-DPO) applies to loss.type {', '.join(losses.RDPO_LOSSES)}, "
-                          f"not {lc.type}")
-    if lc.ld_alpha is not None and lc.type not in LD_LOSSES:
-        raise ConfigError(f"loss.ld_alpha (LD-DPO) applies to loss.type {', '.join(LD_LOSSES)}, not {lc.type}")
-
-
 def pair_loss(cfg: DPOConfig, policy: PairLogps, ref: Optional[ReferenceLogps]
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair loss [B] and the implicit rewards of chosen and rejected [B] each.
@@ -325,7 +311,6 @@ def save_settings(folder: Path, cfg: DPOConfig, template: str, reference: Option
 
 def main(cfg: DPOConfig) -> dict:
     # ---- setup ----------------------------------------------------------------------------------------------
-    check_length_controls(cfg)
     accelerator, run = train.begin(cfg, "dpo")
     if run.finished:
         log.info("%s is already complete (report.json exists); nothing to do", run.dir)

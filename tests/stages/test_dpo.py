@@ -310,14 +310,13 @@ def test_config_errors_name_the_key(tmp_path, overrides, message):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["loss.type=ipo", "loss.rdpo_alpha=0.01"], r"loss.rdpo_alpha \(R-DPO\) applies to loss.type sigmoid"),
-    (["loss.type=simpo", "loss.rdpo_alpha=0.01"], r"loss.rdpo_alpha"),
-    (["loss.type=simpo", "loss.ld_alpha=0.5"], r"loss.ld_alpha \(LD-DPO\) applies"),
+    (["loss.type=ipo", "loss.rdpo_alpha=0.01"], r"loss.rdpo_alpha \(R-DPO\) applies to type sigmoid, robust or hinge"),
+    (["loss.type=simpo", "loss.rdpo_alpha=0.01"], r"loss.rdpo_alpha \(R-DPO\) applies .* not simpo"),
+    (["loss.type=simpo", "loss.ld_alpha=0.5"], r"loss.ld_alpha \(LD-DPO\) re-weights the reference's log-probs"),
 ])
 def test_length_controls_on_a_loss_they_do_not_apply_to_are_refused_before_the_run(tmp_path, overrides, message):
-    cfg = load_config(DPOConfig, TINY_DPO, [f"output_dir={tmp_path / 'run'}", *overrides])
     with pytest.raises(ConfigError, match=message):
-        dpo.main(cfg)
+        load_config(DPOConfig, TINY_DPO, [f"output_dir={tmp_path / 'run'}", *overrides])
     assert not (tmp_path / "run").exists()
 
 
