@@ -604,7 +604,7 @@ def load_source(source: Any, kind: str, stage: str, role: str) -> Loaded:
         try:
             converted = fmt.convert(r)
         except DataError as err:
-            if not source.skip_invalid:
+            if not source.skip_invalid and not isinstance(err, formats.NotAnswered):  # as formats.convert_records
                 raise
             skipped_at.append((str(r.origin), err.reason))
             continue

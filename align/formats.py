@@ -6,6 +6,11 @@ A record (one JSON object, parquet row or `datasets` row) becomes one canonical 
     SFTExample(text=...)          plain text (continued pre-training)
     PreferenceExample             prompt/chosen/rejected, HH-RLHF transcripts, chosen/rejected conversations
     RankingExample                {prompt, responses, ranks|scores}, OpenAssistant trees (one per ranked group)
+    CandidatesExample             {prompt, responses[, policies]}: responses for people to rank (align.label rank)
+    ComparisonExample             {prompt, candidate, baseline}: align.evaluate's samples.jsonl (align.label compare)
+
+align.label writes rankings in the ranking format, one line per answer; its lines for an item the annotator skipped
+or flagged (`"label": "skip"` or `"flag"`, no ranks) are counted as skipped records by reason, never trained on.
 
 A prompt is a list of messages ending in a non-assistant turn; a response is a list of messages ending in an
 assistant turn (usually one; several when two dialogues diverge before their last turn).
@@ -110,6 +115,31 @@ class RankingExample:
     """Human ranks, lower is better; equal ranks are ties. A pair is ranks [0, 1]."""
     margin: Optional[float] = None
     """For a pair (K=2): the preference margin, if the data has one."""
+    origin: Optional[Origin] = field(default=None, compare=False)
+
+
+@dataclass
+class CandidatesExample:
+    """Responses to one prompt, not yet ranked: what people rank in align.label."""
+
+    prompt: list[Message]
+    responses: list[Any]
+    """As the file gives them: text, or messages ending in the assistant's turn."""
+    policies: Optional[list[str]] = None
+    """Which policy wrote each response, when known."""
+    origin: Optional[Origin] = field(default=None, compare=False)
+
+
+@dataclass
+class ComparisonExample:
+    """One prompt answered by a candidate and a baseline policy (a row of align.evaluate's samples.jsonl)."""
+
+    prompt: list[Message]
+    candidate: str
+    baseline: str
+    reward_candidate: Optional[float] = None
+    """The judge's scores, when the file has them."""
+    reward_baseline: Optional[float] = None
     origin: Optional[Origin] = field(default=None, compare=False)
 
 
@@ -314,6 +344,10 @@ def _rename(record: Record, columns: dict[str, str]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------------------------
 # Field access with errors that name the field
+
+
+class NotAnswered(DataError):
+    """An align.label line for an item the annotator skipped or flagged: no ranking, always counted as skipped."""
 
 
 def _error(record: Record, reason: str) -> DataError:
@@ -557,6 +591,9 @@ def _response_allow_empty(r: Record, name: str, value: Any) -> list[Message]:
 
 
 def _ranking(r: Record) -> RankingExample:
+    if r.data.get("label") in ("skip", "flag"):
+        reason = "skipped by the annotator" if r.data["label"] == "skip" else "flagged by the annotator"
+        raise NotAnswered(f"{r.origin}: {reason}", reason)
     prompt = _prompt(r, "prompt", _field(r, "prompt", "ranking"))
     raw = _text_list(r, "responses", _field(r, "responses", "ranking"))
     if not isinstance(raw, list):
@@ -577,6 +614,28 @@ def _ranking(r: Record) -> RankingExample:
     ranks = [sign * _number(r, f"{key}[{i}]", v) for i, v in enumerate(values)]
     _check_responses(r, prompt, responses, [f"responses[{i}]" for i in range(len(raw))])
     return RankingExample(prompt, responses, ranks, None, r.origin)
+
+
+def _candidates(r: Record) -> CandidatesExample:
+    prompt = _prompt(r, "prompt", _field(r, "prompt", "candidates"))
+    raw = _text_list(r, "responses", _field(r, "responses", "candidates"))
+    if not isinstance(raw, list) or len(raw) < 2:
+        raise _error(r, "field 'responses': expected a list of at least 2 responses")
+    names = [f"responses[{i}]" for i in range(len(raw))]
+    _check_responses(r, prompt, [_response(r, name, x) for name, x in zip(names, raw)], names)
+    policies = _text_list(r, "policies", r.data.get("policies"))
+    if policies is not None and (not isinstance(policies, list) or len(policies) != len(raw)
+                                 or not all(isinstance(p, str) for p in policies)):
+        raise _error(r, f"field 'policies': expected {len(raw)} strings (one per response)")
+    return CandidatesExample(prompt, raw, policies, r.origin)
+
+
+def _comparison(r: Record) -> ComparisonExample:
+    prompt = _prompt(r, "prompt", _field(r, "prompt", "comparison"))
+    texts = [_string(r, name, _field(r, name, "comparison"), allow_empty=True) for name in ("candidate", "baseline")]
+    rewards = [None if r.data.get(name) is None else _number(r, name, r.data[name])
+               for name in ("reward_candidate", "reward_baseline")]
+    return ComparisonExample(prompt, *texts, *rewards, r.origin)
 
 
 def oasst_groups(root: dict) -> list[tuple[list[dict], list[dict]]]:
@@ -696,6 +755,8 @@ FORMATS: list[Format] = [
     Format("question_answer", "prompt", ("question",), _prompt_question),
     Format("alpaca", "prompt", ("instruction",), _prompt_alpaca),
     Format("hh", "prompt", ("chosen",), _prompt_hh),
+    Format("candidates", "candidates", ("prompt", "responses"), _candidates),
+    Format("comparison", "comparison", ("prompt", "candidate", "baseline"), _comparison),
 ]
 BY_NAME = {(f.name, f.kind): f for f in FORMATS}
 
@@ -728,6 +789,9 @@ def convert_records(records: list[Record], fmt_name: str, kind: str, skip_invali
     for r in records:
         try:
             converted = fmt.convert(r)
+        except NotAnswered as err:
+            skipped[err.reason] += 1
+            continue
         except DataError as err:
             if not skip_invalid:
                 raise

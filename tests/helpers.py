@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,3 +41,30 @@ def tiny_causal_lm(arch: str = "llama", vocab_size: int = 2048, seed: int = 0, i
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn_implementation)
     model.config.use_cache = False
     return model.eval()
+
+
+class LabelServer:
+    """`python -m align.label ARGS --port 0` in a subprocess; `.url` is the address it printed."""
+
+    def __init__(self, *args):
+        self.proc = subprocess.Popen([sys.executable, "-m", "align.label", *args, "--port", "0"], cwd=ROOT,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.output = []
+        for line in self.proc.stdout:
+            self.output.append(line)
+            if m := re.match(r"open (http://\S+)", line):
+                self.url = m.group(1)
+                break
+        else:
+            raise AssertionError("the server stopped before listening:\n" + "".join(self.output))
+
+    def stop(self) -> str:
+        """Ctrl-C: the server stops and prints its summary; returns what it printed."""
+        self.proc.send_signal(signal.SIGINT)
+        rest, _ = self.proc.communicate(timeout=30)
+        assert self.proc.returncode == 0, rest
+        return "".join(self.output) + rest
+
+    def kill(self) -> None:
+        self.proc.kill()  # SIGKILL: no chance to flush or clean up
+        self.proc.wait(timeout=30)

@@ -1,0 +1,233 @@
+"""align.label without a browser: the file formats, the answers file, the queue and the pages (FastAPI's client)."""
+
+import json
+import re
+
+import pytest
+from fastapi.testclient import TestClient
+
+from align import formats
+from align.config import ConfigError, DataSource
+from align.formats import DataError
+from align.label.app import Task, build_app
+from align.label.store import Journal, Queue, comparison_items, ranking_items, shown_order
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+CANDIDATES = [
+    {"prompt": "Say hi", "responses": ["Hi!", "Hello there.", "Go away."]},
+    {"prompt": [{"role": "user", "content": "2+2?"}], "responses": ["4", "5"], "policies": ["p1", "p2"]},
+    {"prompt": "Name a colour", "responses": ["red", "blue", "seven"]},
+]
+
+
+def server(tmp_path, kind="rank", rows=CANDIDATES, per_item=1, token=None, out="answers.jsonl"):
+    source = write_jsonl(tmp_path / ("candidates.jsonl" if kind == "rank" else "samples.jsonl"), rows)
+    items = ranking_items(str(source)) if kind == "rank" else comparison_items(str(source))[0]
+    journal = Journal(str(tmp_path / out), kind)
+    queue = Queue(items, journal.answers, per_item)
+    journal.open()
+    return TestClient(build_app(Task(kind, items, journal, queue, token))), items, journal
+
+
+def item_on(page: str) -> str:
+    return re.search(r'name="item" value="(\w+)"', page).group(1)
+
+
+def shown_texts(page: str) -> list[str]:
+    return re.findall(r'<article class="response"[^>]*>\s*<h2>[^<]*</h2>\s*<div class="text">(.*?)</div>', page, re.S)
+
+
+def answers(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Formats: what align.rm reads back
+
+
+def test_skip_and_flag_lines_are_counted_as_skipped_and_never_trained_on(tmp_path):
+    rank = {"label": "rank", "prompt": "p", "responses": ["a", "b"], "ranks": [1, 2], "item": "x", "annotator": "n"}
+    skip = {**rank, "label": "skip", "item": "y"}
+    skip.pop("ranks")
+    flag = {**skip, "label": "flag", "reason": "unsafe", "item": "z"}
+    path = write_jsonl(tmp_path / "r.jsonl", [skip, rank, flag])  # a skip first: the format is still detected
+    examples = formats.load_examples(DataSource(path=str(path)), "preference")
+    assert [ex.ranks for ex in examples] == [[1.0, 2.0]]
+    assert examples.skipped == {"skipped by the annotator": 1, "flagged by the annotator": 1}
+
+
+@pytest.mark.parametrize("row, field", [
+    ({"prompt": "p", "responses": ["only one"]}, "responses"),
+    ({"prompt": "p", "responses": ["a", ""]}, "responses[1]"),
+    ({"prompt": "p", "responses": ["a", "b"], "policies": ["x"]}, "policies"),
+    ({"prompt": 3, "responses": ["a", "b"]}, "prompt"),
+])
+def test_a_bad_candidates_record_names_file_line_and_field(tmp_path, row, field):
+    path = write_jsonl(tmp_path / "c.jsonl", [CANDIDATES[0], row])
+    with pytest.raises(DataError, match=rf"c\.jsonl:2: field '{re.escape(field)}'"):
+        ranking_items(str(path))
+
+
+def test_comparison_rows_where_both_policies_wrote_the_same_text_are_left_out(tmp_path):
+    rows = [{"prompt": [{"role": "user", "content": "q"}], "candidate": "a", "baseline": "b", "reward_candidate": 1.0,
+             "reward_baseline": 0.5},
+            {"prompt": [{"role": "user", "content": "q2"}], "candidate": "same", "baseline": "same",
+             "reward_candidate": 0.0, "reward_baseline": 0.0}]
+    items, identical = comparison_items(str(write_jsonl(tmp_path / "s.jsonl", rows)))
+    assert identical == 1 and len(items) == 1
+    assert items[0].responses == ["a", "b"] and items[0].rewards == [1.0, 0.5]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The answers file
+
+
+def test_a_file_that_is_not_ours_is_refused_and_left_byte_for_byte(tmp_path):
+    path = tmp_path / "notes.jsonl"
+    path.write_text('{"my": "data"}\n')
+    with pytest.raises(ConfigError, match=r"notes\.jsonl:1: not an align\.label ranking answer"):
+        Journal(str(path), "rank")
+    assert path.read_text() == '{"my": "data"}\n'
+
+
+def test_a_cut_last_line_is_refused_rather_than_appended_to(tmp_path):
+    path = tmp_path / "a.jsonl"
+    good = json.dumps({"label": "skip", "item": "x", "annotator": "n"}) + "\n"
+    path.write_text(good + '{"label": "ra')
+    with pytest.raises(ConfigError, match=r"a\.jsonl:2: the last line is cut short"):
+        Journal(str(path), "rank")
+
+
+def test_a_second_server_on_the_same_file_is_refused(tmp_path):
+    first = Journal(str(tmp_path / "a.jsonl"), "rank")
+    first.open()
+    second = Journal(str(tmp_path / "a.jsonl"), "rank")
+    with pytest.raises(ConfigError, match="another align.label server is writing it"):
+        second.open()
+    first.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The queue
+
+
+def test_an_item_shown_to_one_annotator_is_not_shown_to_another_until_its_hold_expires(tmp_path):
+    items = ranking_items(str(write_jsonl(tmp_path / "c.jsonl", CANDIDATES)))
+    queue = Queue(items, [], per_item=1, hold_seconds=60)
+    assert queue.next("ann").id == items[0].id
+    assert queue.next("ann").id == items[0].id  # a reload shows the same item
+    assert queue.next("bob").id == items[1].id
+    expired = Queue(items, [], per_item=1, hold_seconds=-1)
+    expired.next("ann")
+    assert expired.next("bob").id == items[0].id
+
+
+def test_with_two_annotators_per_item_both_get_every_item_and_a_third_gets_none(tmp_path):
+    items = ranking_items(str(write_jsonl(tmp_path / "c.jsonl", CANDIDATES)))
+    queue = Queue(items, [], per_item=2)
+    for who in ("ann", "bob"):
+        for it in items:
+            assert queue.next(who).id == it.id
+            queue.record({"label": "rank", "item": it.id, "annotator": who})
+    assert queue.next("cid") is None
+    assert queue.progress("ann") == {"mine": 3, "complete": 3, "total": 3}
+
+
+def test_a_skip_does_not_count_toward_the_answers_an_item_needs(tmp_path):
+    items = ranking_items(str(write_jsonl(tmp_path / "c.jsonl", CANDIDATES)))
+    queue = Queue(items, [{"label": "skip", "item": items[0].id, "annotator": "ann"}], per_item=1)
+    assert queue.next("ann").id == items[1].id  # ann skipped the first item: not shown to ann again
+    assert queue.next("bob").id == items[0].id  # but it still needs an answer
+
+
+def test_the_shown_order_is_fixed_per_annotator_and_differs_between_annotators(tmp_path):
+    rows = [{"prompt": "p", "responses": [f"r{i}" for i in range(8)]}]
+    item = ranking_items(str(write_jsonl(tmp_path / "c.jsonl", rows)))[0]
+    assert shown_order(item, "ann") == shown_order(item, "ann")
+    assert sorted(shown_order(item, "ann")) == list(range(8))
+    assert shown_order(item, "ann") != shown_order(item, "bob")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The pages
+
+
+def test_ranks_given_to_shown_letters_are_stored_against_the_right_responses(tmp_path):
+    client, items, _ = server(tmp_path)
+    page = client.get("/?annotator=ann").text
+    texts = shown_texts(page)
+    want = {"Hi!": 1, "Hello there.": 1, "Go away.": 2}  # a tie between the two greetings
+    form = {"item": item_on(page), "annotator": "ann", "shown_at": "0", "action": "rank"}
+    form.update({f"rank_{'ABC'[pos]}": str(want[t]) for pos, t in enumerate(texts)})
+    r = client.post("/answer", data=form, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/?annotator=ann"
+    [line] = answers(tmp_path / "answers.jsonl")
+    assert line["responses"] == CANDIDATES[0]["responses"] and line["ranks"] == [1, 1, 2]
+    assert [CANDIDATES[0]["responses"][j] for j in line["shown"]] == texts
+    assert item_on(client.get("/?annotator=ann").text) == items[1].id
+
+
+def test_ranks_with_gaps_are_stored_as_dense_ranks(tmp_path):
+    client, _, _ = server(tmp_path)
+    page = client.get("/?annotator=ann").text
+    client.post("/answer", data={"item": item_on(page), "annotator": "ann", "action": "rank",
+                                 "rank_A": "3", "rank_B": "3", "rank_C": "1"})
+    ranks = answers(tmp_path / "answers.jsonl")[0]["ranks"]
+    assert sorted(ranks) == [1, 2, 2]
+
+
+def test_an_incomplete_ranking_or_a_flag_without_reason_writes_nothing(tmp_path):
+    client, _, _ = server(tmp_path)
+    item = item_on(client.get("/?annotator=ann").text)
+    r = client.post("/answer", data={"item": item, "annotator": "ann", "action": "rank", "rank_A": "1"})
+    assert r.status_code == 400 and "Give response B a rank" in r.text
+    r = client.post("/answer", data={"item": item, "annotator": "ann", "action": "flag", "reason": "  "})
+    assert r.status_code == 400 and "Say what is unsafe" in r.text
+    assert (tmp_path / "answers.jsonl").read_text() == ""
+
+
+def test_submitting_the_same_page_twice_records_one_answer(tmp_path):
+    client, _, _ = server(tmp_path)
+    item = item_on(client.get("/?annotator=ann").text)
+    for _ in range(2):
+        client.post("/answer", data={"item": item, "annotator": "ann", "action": "flag", "reason": "broken"})
+    [line] = answers(tmp_path / "answers.jsonl")
+    assert line["label"] == "flag" and line["reason"] == "broken"
+
+
+def test_a_token_is_required_when_set_and_kept_in_a_cookie(tmp_path):
+    client, _, _ = server(tmp_path, token="s3cret-token")
+    assert client.get("/?annotator=ann").status_code == 403
+    assert client.post("/answer", data={"annotator": "ann"}).status_code == 403
+    assert client.get("/?annotator=ann&token=wrong-token").status_code == 403
+    assert client.get("/?annotator=ann&token=s3cret-token").status_code == 200
+    assert client.get("/?annotator=ann").status_code == 200  # the cookie now carries it
+
+
+def test_markup_in_model_output_is_escaped_and_scripts_are_limited_to_our_own(tmp_path):
+    rows = [{"prompt": "<b>bold?</b>", "responses": ["<script>alert(1)</script>", '<img src=x onerror="alert(2)">']}]
+    client, _, _ = server(tmp_path, rows=rows)
+    r = client.get("/?annotator=ann")
+    assert "<script>alert" not in r.text and "<img src=x" not in r.text and "<b>bold" not in r.text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in r.text and "&lt;b&gt;bold?&lt;/b&gt;" in r.text
+    assert "script-src 'self'" in r.headers["content-security-policy"]
+
+
+def test_a_comparison_verdict_maps_the_shown_letter_back_to_candidate_or_baseline(tmp_path):
+    rows = [{"prompt": [{"role": "user", "content": f"q{i}"}], "candidate": f"cand {i}", "baseline": f"base {i}",
+             "reward_candidate": 1.0, "reward_baseline": 0.0} for i in range(6)]
+    client, _, _ = server(tmp_path, kind="compare", rows=rows)
+    for _ in range(6):
+        page = client.get("/?annotator=ann").text
+        texts = shown_texts(page)
+        letter = "AB"[[t.startswith("cand") for t in texts].index(True)]  # always pick the candidate's
+        client.post("/answer", data={"item": item_on(page), "annotator": "ann", "shown_at": "0", "choice": letter})
+    lines = answers(tmp_path / "answers.jsonl")
+    assert [a["verdict"] for a in lines] == ["candidate"] * 6
+    assert {tuple(a["shown"]) for a in lines} == {("candidate", "baseline"), ("baseline", "candidate")}
+    assert "All done" in client.get("/?annotator=ann").text
