@@ -46,8 +46,8 @@ def tiny_causal_lm(arch: str = "llama", vocab_size: int = 2048, seed: int = 0, i
 class LabelServer:
     """`python -m align.label ARGS --port 0` in a subprocess; `.url` is the address it printed."""
 
-    def __init__(self, *args):
-        self.proc = subprocess.Popen([sys.executable, "-m", "align.label", *args, "--port", "0"], cwd=ROOT,
+    def __init__(self, *args, env=None):
+        self.proc = subprocess.Popen([sys.executable, "-m", "align.label", *args, "--port", "0"], cwd=ROOT, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.output = []
         for line in self.proc.stdout:

@@ -2,7 +2,8 @@
 
 With P policies and K responses per prompt, policy j writes responses j, j + P, j + 2P, ... (K >= P), so each
 policy answers every prompt about K / P times and the page never shows them in a fixed order (it shuffles anyway).
-Sampling is seeded per policy and row (rollout.row_seeds), so the same command draws the same candidates.
+With the hf engine sampling is seeded per policy and row (rollout.row_seeds), so the same command draws the same
+candidates; vLLM's are not reproducible (see below). Either way they are drawn once and kept (align.label rank).
 """
 
 from __future__ import annotations
@@ -41,15 +42,18 @@ def sample_candidates(prompts: DataSource, policies: Sequence[str], k: int, samp
         model.to(accelerator.device)
         template = data.resolve_policy_template(tokenizer, "auto")
         tokenized, stats = data.tokenize_prompts(examples, tokenizer, template, max_prompt_length, "left")
-        log.info("sampling %d responses to each of %d prompts from %s (%s)", len(mine), len(tokenized), location,
-                 stats.summary())
+        log.info("sampling %d responses to each of %d prompts from %s with the %s engine (%s)", len(mine),
+                 len(tokenized), location, engine, stats.summary())
         # every prompt repeated once per slot this policy fills, in prompt order
         batch = [p.ids for p in tokenized for _ in mine]
         settings = rollout_settings(engine, generation_batch_size)
-        eng = rollout.make_engine(settings, model, tokenizer, accelerator, sampling, seed=seed + j)
+        # hf: every row its own seeded draw (the same candidates whatever the batching). vLLM takes no per-row seeds
+        # and one engine seed would give a prompt's repeats the same response: it is left unseeded.
+        eng = rollout.make_engine(settings, model, tokenizer, accelerator, sampling, seed=None)
+        seeds = rollout.row_seeds(seed, f"label/{j}", range(len(batch)))
         try:
             with accelerator.autocast():
-                ro = rollout.generate_seeded(eng, batch, sampling, seed + j, accelerator.device)
+                ro = eng.generate(batch, sampling, seeds)
         finally:
             eng.close()
         texts = iter(rollout.decode(tokenizer, ro))

@@ -82,12 +82,11 @@ def test_an_annotator_ranks_three_items_in_a_browser_and_align_rm_trains_on_the_
 
     # 1: by keyboard, a tie between the two good answers: pick each letter, type its rank, Enter
     want = {CANDIDATES[0]["responses"][0]: 1, CANDIDATES[0]["responses"][1]: 1, CANDIDATES[0]["responses"][2]: 2}
-    texts = shown(page)
-    if os.environ.get("ALIGN_LABEL_SCREENSHOT"):
-        page.screenshot(path=os.environ["ALIGN_LABEL_SCREENSHOT"])
-    for letter, text in texts.items():
+    for letter, text in shown(page).items():
         page.keyboard.press(letter.lower())
         page.keyboard.press(str(want[text]))
+    if os.environ.get("ALIGN_LABEL_SCREENSHOT"):
+        page.screenshot(path=os.environ["ALIGN_LABEL_SCREENSHOT"])
     page.keyboard.press("Enter")
     page.wait_for_selector("text=ann: 1 done")
 

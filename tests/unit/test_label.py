@@ -231,3 +231,56 @@ def test_a_comparison_verdict_maps_the_shown_letter_back_to_candidate_or_baselin
     assert [a["verdict"] for a in lines] == ["candidate"] * 6
     assert {tuple(a["shown"]) for a in lines} == {("candidate", "baseline"), ("baseline", "candidate")}
     assert "All done" in client.get("/?annotator=ann").text
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The command line
+
+
+def run_cli(argv, capsys):
+    from align.label.__main__ import main
+
+    main(argv)
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_summary_merges_two_annotators_rankings_by_mean_rank_into_a_new_file_align_rm_reads(tmp_path, capsys):
+    base = {"prompt": "p", "responses": ["a", "b", "c"], "policies": None}
+    rows = [{**base, "label": "rank", "item": "i1", "annotator": "ann", "ranks": [1, 2, 3]},
+            {**base, "label": "rank", "item": "i1", "annotator": "bob", "ranks": [2, 1, 3]},  # means 1.5, 1.5, 3
+            {**base, "label": "flag", "item": "i2", "annotator": "bob", "reason": "broken"},
+            {**base, "label": "rank", "item": "i2", "annotator": "ann", "ranks": [3, 2, 1]}]
+    answers = write_jsonl(tmp_path / "r.jsonl", rows)
+    merged = tmp_path / "merged.jsonl"
+    out = run_cli(["summary", str(answers), "--merged", str(merged)], capsys)
+    assert out["merged"] == {"path": str(merged), "items": 1}  # i2 was flagged: left out
+    [record] = [json.loads(x) for x in merged.read_text().splitlines()]
+    assert record["ranks"] == [1, 1, 2] and record["annotators"] == ["ann", "bob"]
+    assert [ex.ranks for ex in formats.load_examples(DataSource(path=str(merged)), "preference")] == [[1, 1, 2]]
+    before = merged.read_bytes()
+    with pytest.raises(SystemExit) as stop:
+        run_cli(["summary", str(answers), "--merged", str(merged)], capsys)
+    assert stop.value.code == 2 and merged.read_bytes() == before
+
+
+def test_a_non_loopback_host_gets_a_drawn_token_and_loopback_none(tmp_path):
+    from argparse import Namespace
+
+    from align.label.__main__ import check_server_args
+
+    common = dict(per_item=1, token=None)
+    assert check_server_args(Namespace(host="127.0.0.1", **common)) is None
+    drawn = check_server_args(Namespace(host="0.0.0.0", **common))
+    assert drawn and len(drawn) >= 16 and drawn != check_server_args(Namespace(host="0.0.0.0", **common))
+    assert check_server_args(Namespace(host="0.0.0.0", per_item=1, token="my-long-token")) == "my-long-token"
+    with pytest.raises(ConfigError, match="at least 8 characters"):
+        check_server_args(Namespace(host="0.0.0.0", per_item=1, token="short"))
+
+
+def test_bad_candidates_stop_the_server_before_it_starts_and_nothing_is_written(tmp_path, capsys):
+    cands = write_jsonl(tmp_path / "c.jsonl", [CANDIDATES[0], {"prompt": "p", "responses": ["x"]}])
+    with pytest.raises(SystemExit) as stop:
+        run_cli(["rank", "--candidates", str(cands), "--out", str(tmp_path / "r.jsonl"), "--port", "0"], capsys)
+    assert stop.value.code == 2
+    assert "c.jsonl:2: field 'responses'" in capsys.readouterr().err
+    assert not (tmp_path / "r.jsonl").exists()

@@ -327,3 +327,23 @@ def test_evaluate_with_vllm_draws_the_same_random_numbers_for_both_policies(clos
     assert summary["ties"] == len(TEXTS) and summary["win_rate"] == 0.5
     assert abs(summary["kl"]) < 1e-5
     assert not torch.distributed.is_initialized()  # both engines were closed
+
+
+# ---- align.label rank --policy --engine vllm --------------------------------------------------------------------
+
+
+def test_label_samples_its_candidates_with_vllm(tiny_folder, tmp_path):
+    """The candidates people rank, drawn by vLLM in a fresh process: K responses per prompt, written once."""
+    from helpers import LabelServer
+
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in TEXTS))
+    server = LabelServer("rank", "--prompts", str(prompts_file), "--policy", str(tiny_folder), "--k", "2",
+                         "--max-new-tokens", "12", "--engine", "vllm", "--out", str(tmp_path / "r.jsonl"),
+                         env=child_env(tmp_path))
+    printed = server.stop()
+    assert "with the vllm engine" in printed
+    rows = [json.loads(x) for x in (tmp_path / "r.candidates.jsonl").read_text().splitlines()]
+    assert len(rows) == len(TEXTS) and all(r["policies"] == [str(tiny_folder)] * 2 for r in rows)
+    assert len({r["responses"][0] for r in rows}) > 1  # real, different responses
+    assert any(r["responses"][0] != r["responses"][1] for r in rows)  # a prompt's two draws are two samples
