@@ -33,7 +33,7 @@ from typing import Optional
 
 from ..config import AlignError, ConfigError, DataSource
 from . import stats
-from .store import Journal, Queue, comparison_items, ranking_items
+from .store import MAX_RESPONSES, Journal, Queue, comparison_items, ranking_items
 
 log = logging.getLogger("align")
 
@@ -88,7 +88,9 @@ def candidates_path(out: str) -> Path:
     return p.with_name(p.stem + ".candidates.jsonl")
 
 
-def rank_items(args: argparse.Namespace) -> list:
+def rank_items(args: argparse.Namespace) -> Optional[list]:
+    """The items to rank when they exist already (a --candidates file, or candidates an earlier run of this command
+    sampled and kept); None when they are still to be sampled (every input checked)."""
     if bool(args.candidates) == bool(args.policy):
         raise ConfigError("rank: give either --candidates FILE or --policy DIR (with --prompts FILE)")
     if args.candidates:
@@ -97,20 +99,39 @@ def rank_items(args: argparse.Namespace) -> list:
         return ranking_items(args.candidates)
     if not args.prompts:
         raise ConfigError("--policy needs --prompts FILE: the prompts to sample candidates for")
-    if args.k < 2:
-        raise ConfigError(f"--k={args.k}: a ranking needs at least 2 responses")
+    if not 2 <= args.k <= MAX_RESPONSES:
+        raise ConfigError(f"--k={args.k}: a ranking needs 2 to {MAX_RESPONSES} responses (one rank key each)")
+    from .. import models
+
+    prompts = prompt_examples(args)  # readable, before anything is sampled or written
+    for location in args.policy:
+        if not location.startswith("pkg:") and not location.endswith(".gguf"):
+            models.check_location(models.resolve(location), "--policy")
     kept = candidates_path(args.out)
-    if kept.exists():
-        items = ranking_items(str(kept))
-        want = {json.dumps(ex.prompt) for ex in prompt_examples(args)}
-        have = {json.dumps(it.prompt) for it in items}
-        if not have <= want or any(set(it.policies or []) != set(args.policy) or len(it.responses) != args.k
-                                   for it in items):
-            raise ConfigError(f"{kept} holds candidates for other prompts, policies or --k; pass it as --candidates, "
-                              f"or choose another --out (nothing was touched)")
-        log.info("candidates from %s (sampled by an earlier run)", kept)
-        return items
+    if not kept.exists():
+        return None
+    items = ranking_items(str(kept))
+    first = json.loads(kept.read_text(encoding="utf-8").splitlines()[0])
+    want = {json.dumps(ex.prompt) for ex in prompts}
+    if first.get("sampled") != sampling_settings(args) or not {json.dumps(it.prompt) for it in items} <= want:
+        raise ConfigError(f"{kept} holds candidates sampled with other prompts, policies or settings "
+                          f"({first.get('sampled')}); pass it as --candidates, or choose another --out (nothing "
+                          f"was touched)")
+    log.info("candidates from %s (sampled by an earlier run)", kept)
+    return items
+
+
+def sampling_settings(args: argparse.Namespace) -> dict:
+    """What the kept candidates were drawn with: a restart with anything else is refused."""
+    return {"prompts": args.prompts, "offset": args.offset, "n": args.n, "policies": args.policy, "k": args.k,
+            "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "seed": args.seed, "engine": args.engine}
+
+
+def sample_and_keep(args: argparse.Namespace) -> list:
+    """Sample the candidates and keep them beside --out (NAME.candidates.jsonl), then read them back as items."""
     from .. import rollout
+    from ..train import write_text_atomic
     from .sample import sample_candidates
 
     engine = args.engine
@@ -122,9 +143,9 @@ def rank_items(args: argparse.Namespace) -> list:
         engine = "vllm" if importlib.util.find_spec("vllm") and torch.cuda.is_available() else "hf"
     rows = sample_candidates(prompt_source(args), args.policy, args.k,
                              rollout.Sampling(args.max_new_tokens, args.temperature, args.top_p, 0), args.seed, engine)
-    from ..train import write_text_atomic
-
-    write_text_atomic(kept, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    settings = sampling_settings(args)
+    kept = candidates_path(args.out)
+    write_text_atomic(kept, "".join(json.dumps({**r, "sampled": settings}, ensure_ascii=False) + "\n" for r in rows))
     log.info("%d candidates per prompt for %d prompts kept in %s", args.k, len(rows), kept)
     return ranking_items(str(kept))
 
@@ -144,7 +165,8 @@ def check_server_args(args: argparse.Namespace) -> Optional[str]:
     if args.per_item < 1:
         raise ConfigError(f"--per-item={args.per_item}: must be at least 1")
     try:
-        loopback = ipaddress.ip_address(socket.gethostbyname(args.host)).is_loopback
+        addresses = {info[4][0] for info in socket.getaddrinfo(args.host, None, proto=socket.IPPROTO_TCP)}
+        loopback = all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
     except (OSError, ValueError):
         raise ConfigError(f"--host {args.host}: not an address this machine can listen on") from None
     if args.token is not None and len(args.token) < 8:
@@ -171,20 +193,28 @@ def listen(host: str, port: int) -> socket.socket:
 def serve(args: argparse.Namespace) -> dict:
     import uvicorn
 
-    from .app import Task, build_app
+    from .app import LOOPBACK_HOSTS, Task, build_app
 
-    # Everything is checked before anything is written; the port is taken before candidates are sampled (minutes).
+    # Everything is checked before anything is written. The port is taken and --out locked before candidates are
+    # sampled (minutes): a second run on the same --out stops at once, not after sampling.
     token = check_server_args(args)
     journal = Journal(args.out, args.command)
-    sock = listen(args.host, args.port)
+    identical = 0
     if args.command == "rank":
-        items, identical = rank_items(args), 0
+        items = rank_items(args)
     else:
         items, identical = comparison_items(args.samples)
+    sock = listen(args.host, args.port)
+    journal.open()
+    if items is None:
+        try:
+            items = sample_and_keep(args)
+        except BaseException:
+            journal.close(discard=True)  # the answers file this run created, still empty, goes
+            raise
     queue = Queue(items, journal.answers, args.per_item)
-    journal.open()  # every input is good: the answers file is created (or continued) now
     try:
-        task = Task(args.command, items, journal, queue, token, args.title)
+        task = Task(args.command, items, journal, queue, token, args.title, None if token else LOOPBACK_HOSTS)
         host, port = sock.getsockname()[:2]
         address = f"http://{'[' + host + ']' if ':' in host else host}:{port}/" + (f"?token={token}" if token else "")
         print(f"align.label {args.command}: {len(items)} items"
@@ -225,6 +255,8 @@ def describe(summary: dict, kind: str) -> list[str]:
     if kind == "rank":
         w = summary["kendall_w"]
         lines.append(f"Kendall's W: {show(w['mean'])} (mean over {w['items']} items)")
+    elif summary["human_win_rate"] is None:
+        lines.append("no verdicts yet (only skips or flags)")
     else:
         lo, hi = summary["human_win_rate_ci95"]
         lines.append(f"human win rate {summary['human_win_rate']:.3f} [{lo:.3f}, {hi:.3f}] over {summary['n_items']} "
@@ -262,6 +294,8 @@ def summary_command(args: argparse.Namespace) -> dict:
         merged = Path(args.merged)
         if merged.exists():
             raise ConfigError(f"--merged {merged}: already exists; choose a new file (nothing was touched)")
+        if not merged.parent.is_dir():
+            raise ConfigError(f"--merged {merged}: the folder {merged.parent} does not exist")
     out = summarize(answers, kind, args.tie_margin)
     if args.merged:
         from ..train import write_text_atomic

@@ -7,7 +7,9 @@
 Model output is shown as text: Jinja escapes every value (autoescape), and the Content-Security-Policy allows
 scripts from this server's /static only, so markup in a response can neither render nor run.
 With a token (required when --host is not loopback) every request must carry it, as ?token=... once (a cookie
-keeps it) or the cookie itself.
+keeps it) or the cookie itself. On loopback, requests must name a loopback host (a page elsewhere that resolves its
+own name to 127.0.0.1, DNS rebinding, gets 400), and a POST whose Origin is another site gets 403 (no cross-site
+answers, token or not).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import jinja2
 from fastapi import FastAPI, Request
@@ -44,6 +46,11 @@ class Task:
     queue: Queue
     token: Optional[str] = None
     title: str = ""
+    hosts: Optional[set[str]] = None
+    """Host names requests may address (None: any; the token guards a server on the network)."""
+
+
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
 class BadAnswer(ValueError):
@@ -55,6 +62,16 @@ def build_app(task: Task) -> FastAPI:
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined)
+
+    @app.middleware("http")
+    async def same_site(request: Request, call_next):
+        host = request.headers.get("host", "")
+        if task.hosts is not None and urlsplit(f"//{host}").hostname not in task.hosts:
+            return Response("unknown host", status_code=400)
+        origin = request.headers.get("origin")
+        if request.method == "POST" and origin and urlsplit(origin).netloc != host:
+            return Response("cross-site answers are refused", status_code=403)
+        return await call_next(request)
 
     def page(template: str, status: int = 200, **values) -> HTMLResponse:
         html = env.get_template(template).render(kind=task.kind, title=task.title, **values)
@@ -111,7 +128,10 @@ def build_app(task: Task) -> FastAPI:
                 record = make_answer(task.kind, item, annotator, form)
             except BadAnswer as err:
                 return item_page(annotator, item, str(err), 400)
-            task.journal.append(record)  # on disk before the next page is sent
+            try:
+                task.journal.append(record)  # on disk before the next page is sent
+            except OSError as err:
+                return item_page(annotator, item, f"Not saved ({err}); tell whoever runs the server.", 503)
             task.queue.record(record)
         return RedirectResponse("/?" + urlencode({"annotator": annotator}), status_code=303)
 

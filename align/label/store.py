@@ -15,7 +15,8 @@ keeps a second server off it. A file that holds anything else is never written t
 The queue. Items are offered in file order. An annotator gets the first item they have not answered or skipped
 that still needs answers (--per-item annotators, default 1, each rank/verdict/flag counting one) and that no one
 else is holding: an item shown to one annotator is held for them for HOLD_SECONDS, so that two people working at
-once are not shown the same item when it needs one answer.
+once are not shown the same item when it needs one answer. An answer that arrives after the item got its answers
+(a page left open past its hold) is still kept: a person's work is never thrown away, so an item may end with more.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ log = logging.getLogger("align")
 ANSWER_LABELS = {"rank": ("rank", "skip", "flag"), "compare": ("verdict", "skip", "flag")}
 HOLD_SECONDS = 600.0
 ANNOTATOR = re.compile(r"^[\w][\w .@-]{0,63}$")
+MAX_RESPONSES = 9  # ranks 1-9, one key each
 
 
 @dataclass
@@ -87,6 +89,10 @@ def unique(items: list[Item], path: str) -> list[Item]:
 def ranking_items(path: str) -> list[Item]:
     """Items from a candidates file (`{"prompt", "responses"[, "policies"]}`); errors name file, line, field."""
     examples = formats.load_examples(DataSource(path=path), "candidates")
+    for ex in examples:
+        if len(ex.responses) > MAX_RESPONSES:
+            raise formats.DataError(f"{ex.origin}: field 'responses': at most {MAX_RESPONSES} responses per prompt "
+                                    f"(one rank key each), got {len(ex.responses)}")
     return unique([Item(item_id(ex.prompt, ex.responses), ex.prompt, ex.responses, ex.policies)
                    for ex in examples], path)
 
@@ -159,28 +165,40 @@ class Journal:
         return answers
 
     def open(self) -> None:
+        """Create (or continue) the file and lock it for this process."""
+        self.created = not self.path.exists()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(self._fd)
-            self._fd = None
+            self.close()
             raise ConfigError(f"--out {self.path}: another align.label server is writing it") from None
 
     def append(self, answer: dict) -> None:
-        """Write one answer as one line, durably, before returning."""
+        """Write one answer as one line, durably, before returning. On a failed or short write (a full disk) the
+        file is cut back to its last whole line and the error raised: the page says so and nothing is recorded."""
         line = (json.dumps(answer, ensure_ascii=False) + "\n").encode()
         with self._lock:
-            written = os.write(self._fd, line)
-            if written != len(line):  # a full disk: the line is cut; say so rather than go on
-                raise OSError(f"{self.path}: only {written} of {len(line)} bytes written")
-            os.fsync(self._fd)
+            size = os.fstat(self._fd).st_size
+            try:
+                written = os.write(self._fd, line)
+                if written != len(line):
+                    raise OSError(f"{self.path}: only {written} of {len(line)} bytes written")
+                os.fsync(self._fd)
+            except OSError:
+                os.ftruncate(self._fd, size)
+                raise
             self.answers.append(answer)
 
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+    def close(self, discard: bool = False) -> None:
+        """Release the file; with `discard`, remove it if this run created it and wrote nothing (a run that stopped
+        before its server started leaves nothing behind)."""
+        if self._fd is None:
+            return
+        if discard and self.created and not self.answers and os.fstat(self._fd).st_size == 0:
+            self.path.unlink()
+        os.close(self._fd)
+        self._fd = None
 
 
 # --------------------------------------------------------------------------------------------------------------

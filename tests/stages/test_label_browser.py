@@ -137,6 +137,29 @@ def test_script_and_img_onerror_in_a_response_are_shown_as_text_and_run_nothing(
     server.stop()
 
 
+def test_with_six_responses_the_letters_f_and_s_pick_responses_and_shift_skips_or_flags(tmp_path, page):
+    responses = [f"answer number {i}" for i in range(6)]
+    cands = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "Pick one", "responses": responses},
+                                               {"prompt": "Another", "responses": ["x", "y"]}])
+    out = tmp_path / "r.jsonl"
+    server = LabelServer("rank", "--candidates", str(cands), "--out", str(out))
+    page.goto(server.url + "?annotator=ann")
+    for letter, rank in zip("ABCDEF", "654321"):  # F gets rank 1, by keys alone
+        page.keyboard.press(letter.lower())
+        page.keyboard.press(rank)
+    assert page.locator("#response-F input[value='1']").is_checked()
+    assert page.evaluate("document.activeElement.id") != "reason"
+    page.keyboard.press("Enter")
+    page.wait_for_selector("text=ann: 1 done")
+    page.keyboard.press("Shift+S")
+    page.wait_for_selector("text=All done, ann")
+    server.stop()
+    first, second = lines(out)
+    shown_f = first["shown"][5]  # the response the page showed as F
+    assert first["label"] == "rank" and first["ranks"][shown_f] == 1 and sorted(first["ranks"]) == [1, 2, 3, 4, 5, 6]
+    assert second["label"] == "skip"
+
+
 def test_killing_the_server_after_two_answers_loses_nothing_and_a_restart_shows_the_third_item(tmp_path, page):
     cands = write_jsonl(tmp_path / "c.jsonl", CANDIDATES)
     out = tmp_path / "r.jsonl"

@@ -58,9 +58,9 @@ def test_the_cli_samples_once_keeps_the_candidates_and_refuses_other_settings_on
     server.stop()
     assert kept.read_bytes() == before
 
-    other = [*args[:-2], "--k", "3", "--out", str(out), "--port", "0"]
+    other = [*args, "--seed", "1", "--port", "0"]  # another seed: other candidates than those kept
     run = subprocess.run([sys.executable, "-m", "align.label", *other], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 2
-    assert "holds candidates for other prompts, policies or --k" in run.stderr.strip().splitlines()[-1]
+    assert "holds candidates sampled with other prompts, policies or settings" in run.stderr.strip().splitlines()[-1]
     assert kept.read_bytes() == before and out.read_text() == ""

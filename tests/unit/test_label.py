@@ -25,13 +25,13 @@ CANDIDATES = [
 ]
 
 
-def server(tmp_path, kind="rank", rows=CANDIDATES, per_item=1, token=None, out="answers.jsonl"):
+def server(tmp_path, kind="rank", rows=CANDIDATES, per_item=1, token=None, out="answers.jsonl", hosts=None):
     source = write_jsonl(tmp_path / ("candidates.jsonl" if kind == "rank" else "samples.jsonl"), rows)
     items = ranking_items(str(source)) if kind == "rank" else comparison_items(str(source))[0]
     journal = Journal(str(tmp_path / out), kind)
     queue = Queue(items, journal.answers, per_item)
     journal.open()
-    return TestClient(build_app(Task(kind, items, journal, queue, token))), items, journal
+    return TestClient(build_app(Task(kind, items, journal, queue, token, hosts=hosts))), items, journal
 
 
 def item_on(page: str) -> str:
@@ -233,6 +233,52 @@ def test_a_comparison_verdict_maps_the_shown_letter_back_to_candidate_or_baselin
     assert "All done" in client.get("/?annotator=ann").text
 
 
+def test_a_page_addressed_by_another_host_name_or_a_cross_site_post_is_refused(tmp_path):
+    from align.label.app import LOOPBACK_HOSTS
+
+    client, items, _ = server(tmp_path, hosts=LOOPBACK_HOSTS)
+    client.base_url = "http://127.0.0.1:8000"
+    assert client.get("/?annotator=ann").status_code == 200
+    client.base_url = "http://evil.example:8000"  # DNS rebinding: another site's name resolved to 127.0.0.1
+    assert client.get("/?annotator=ann").status_code == 400
+    client.base_url = "http://127.0.0.1:8000"
+    form = {"item": items[0].id, "annotator": "ann", "action": "skip"}
+    r = client.post("/answer", data=form, headers={"origin": "http://evil.example"}, follow_redirects=False)
+    assert r.status_code == 403 and (tmp_path / "answers.jsonl").read_text() == ""
+    r = client.post("/answer", data=form, headers={"origin": "http://127.0.0.1:8000"}, follow_redirects=False)
+    assert r.status_code == 303 and len(answers(tmp_path / "answers.jsonl")) == 1
+
+
+def test_a_short_write_is_cut_back_to_the_last_whole_line_and_the_page_says_not_saved(tmp_path, monkeypatch):
+    import align.label.store as store
+
+    client, items, journal = server(tmp_path)
+    client.post("/answer", data={"item": items[0].id, "annotator": "ann", "action": "skip"})
+    whole = (tmp_path / "answers.jsonl").read_bytes()
+    real_write = store.os.write
+    monkeypatch.setattr(store.os, "write", lambda fd, data: real_write(fd, data[: len(data) // 2]))  # a full disk
+    r = client.post("/answer", data={"item": items[1].id, "annotator": "ann", "action": "skip"})
+    assert r.status_code == 503 and "Not saved" in r.text
+    assert (tmp_path / "answers.jsonl").read_bytes() == whole and len(journal.answers) == 1
+    monkeypatch.setattr(store.os, "write", real_write)
+    client.post("/answer", data={"item": items[1].id, "annotator": "ann", "action": "skip"})
+    assert [a["item"] for a in answers(tmp_path / "answers.jsonl")] == [items[0].id, items[1].id]
+
+
+def test_an_answer_arriving_after_the_item_got_its_answers_is_kept_not_thrown_away(tmp_path):
+    client, items, _ = server(tmp_path, per_item=1)
+    for who in ("ann", "bob"):  # bob's page was left open past ann's answer
+        client.post("/answer", data={"item": items[0].id, "annotator": who, "action": "flag", "reason": "odd"})
+    assert [a["annotator"] for a in answers(tmp_path / "answers.jsonl")] == ["ann", "bob"]
+
+
+def test_more_responses_than_rank_keys_are_refused_naming_the_line(tmp_path):
+    ten = {"prompt": "p", "responses": [f"r{i}" for i in range(10)]}
+    path = write_jsonl(tmp_path / "c.jsonl", [CANDIDATES[0], ten])
+    with pytest.raises(DataError, match=r"c\.jsonl:2: field 'responses': at most 9 responses"):
+        ranking_items(str(path))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The command line
 
@@ -284,3 +330,12 @@ def test_bad_candidates_stop_the_server_before_it_starts_and_nothing_is_written(
     assert stop.value.code == 2
     assert "c.jsonl:2: field 'responses'" in capsys.readouterr().err
     assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_a_summary_of_verdicts_with_only_skips_and_flags_says_so(tmp_path, capsys):
+    base = {"prompt": [{"role": "user", "content": "q"}], "candidate": "a", "baseline": "b", "reward_candidate": 1.0,
+            "reward_baseline": 0.0, "item": "i1"}
+    path = write_jsonl(tmp_path / "v.jsonl", [{**base, "label": "skip", "annotator": "ann"},
+                                              {**base, "label": "flag", "annotator": "bob", "reason": "x"}])
+    out = run_cli(["summary", str(path)], capsys)
+    assert out["human_win_rate"] is None and out["n_items"] == 0 and out["flagged_items"] == ["i1"]

@@ -58,7 +58,7 @@ def test_kendall_w_edge_cases():
     assert kendall_w([[1, 2, 3], [1, 2, 3], [1, 2, 3]]) == pytest.approx(1.0)
     assert kendall_w([[1, 2, 2], [1, 2, 2]]) == pytest.approx(1.0)  # the same tied ranking: still perfect
     assert kendall_w([[1, 2], [2, 1]]) == pytest.approx(0.0)
-    assert kendall_w([[1, 1, 1], [1, 1, 1]]) is None  # denominator 9 * 24 - 2 * (24 + 24) = 0
+    assert kendall_w([[1, 1, 1], [1, 1, 1]]) is None  # denominator 4 * 24 - 2 * (24 + 24) = 0
     assert kendall_w([[1, 2, 3]]) is None and kendall_w([[1], [1]]) is None
 
 

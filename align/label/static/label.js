@@ -21,8 +21,10 @@ document.addEventListener("DOMContentLoaded", () => {
       return;
     }
     const key = ev.key.toLowerCase();
-    if (key === "s") { ev.preventDefault(); document.getElementById("skip").click(); return; }
-    if (key === "f") { ev.preventDefault(); reason.focus(); return; }
+    // Shift for skip and flag: plain letters pick responses (a response F or S must not flag or skip the item)
+    if (ev.shiftKey && key === "s") { ev.preventDefault(); document.getElementById("skip").click(); return; }
+    if (ev.shiftKey && key === "f") { ev.preventDefault(); reason.focus(); return; }
+    if (ev.shiftKey) return;
     if (!rankPage) {
       const choice = { "1": "A", "2": "tie", "3": "B", "arrowleft": "A", "arrowdown": "tie", "arrowright": "B" }[key];
       if (choice) { ev.preventDefault(); document.getElementById("choose-" + choice).click(); }
