@@ -226,8 +226,12 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """UTF-8 whatever the locale, on disk (fsync) before the rename: after a crash the file is whole or absent."""
     tmp = Path(path).with_name(f".tmp-{Path(path).name}")
-    tmp.write_text(text)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
