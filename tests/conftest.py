@@ -6,13 +6,22 @@ import os
 
 import pytest
 
-from helpers import SMOLLM2, TINY
+from helpers import SMOLLM2, TINY, LabelServer
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # `precision: auto` would pick bf16 on a CPU with native bf16 (align/precision.py), and tests compare numbers to 1e-5
 # across runs and processes: they run in fp32 on every machine (subprocesses inherit it). The bf16 path and auto's
 # decision are tested on their own (tests/unit/test_precision.py, tests/stages/test_bf16.py).
 os.environ.setdefault("ALIGN_AUTO_PRECISION", "fp32")
+
+
+@pytest.fixture(autouse=True)
+def _no_label_server_outlives_its_test():
+    yield
+    while LabelServer.running:
+        server = LabelServer.running.pop()
+        if server.proc.poll() is None:
+            server.kill()
 
 
 @pytest.fixture(scope="session")

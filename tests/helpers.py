@@ -44,11 +44,15 @@ def tiny_causal_lm(arch: str = "llama", vocab_size: int = 2048, seed: int = 0, i
 
 
 class LabelServer:
-    """`python -m align.label ARGS --port 0` in a subprocess; `.url` is the address it printed."""
+    """`python -m align.label ARGS --port 0` in a subprocess; `.url` is the address it printed. Servers a test
+    leaves running (it failed before stopping them) are killed after it (tests/conftest.py)."""
+
+    running: list["LabelServer"] = []
 
     def __init__(self, *args, env=None):
         self.proc = subprocess.Popen([sys.executable, "-m", "align.label", *args, "--port", "0"], cwd=ROOT, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        LabelServer.running.append(self)
         self.output = []
         for line in self.proc.stdout:
             self.output.append(line)
