@@ -1238,9 +1238,7 @@ def save_best(run: "Run", step: int, metric: str, value: float, model, tokenizer
 
 def load_best(run: "Run", model) -> int:
     """Put the weights of output_dir/best back into the (prepared) model; returns the step they are from."""
-    if sharded(run.accelerator):  # checked before training (Loop / ppo), kept here as the rule's one home
-        raise ConfigError("train.final_model=best is not supported with sharded weights (FSDP, ZeRO-3) yet: use "
-                          "final_model=last; the best model is in output_dir/best")
+    check_final_model(run.cfg.train, run.accelerator)  # checked before training too (Loop / ppo)
     run.accelerator.wait_for_everyone()  # the main process has finished writing best/
     folder = run.dir / BEST_DIR
     models.load_trained_weights(run.accelerator.unwrap_model(model), folder)
