@@ -88,15 +88,15 @@ def candidates_path(out: str) -> Path:
     return p.with_name(p.stem + ".candidates.jsonl")
 
 
-def rank_items(args: argparse.Namespace) -> Optional[list]:
-    """The items to rank when they exist already (a --candidates file, or candidates an earlier run of this command
-    sampled and kept); None when they are still to be sampled (every input checked)."""
+def rank_items(args: argparse.Namespace) -> tuple[Optional[list], Optional[list]]:
+    """(items, prompts): the items to rank when they exist already (a --candidates file, or candidates an earlier run
+    of this command sampled and kept), else None and the prompts to sample them for (every input checked)."""
     if bool(args.candidates) == bool(args.policy):
         raise ConfigError("rank: give either --candidates FILE or --policy DIR (with --prompts FILE)")
     if args.candidates:
         if args.prompts:
             raise ConfigError("--prompts goes with --policy; a --candidates file carries its own prompts")
-        return ranking_items(args.candidates)
+        return ranking_items(args.candidates), None
     if not args.prompts:
         raise ConfigError("--policy needs --prompts FILE: the prompts to sample candidates for")
     if not 2 <= args.k <= MAX_RESPONSES:
@@ -109,7 +109,7 @@ def rank_items(args: argparse.Namespace) -> Optional[list]:
             models.check_location(models.resolve(location), "--policy")
     kept = candidates_path(args.out)
     if not kept.exists():
-        return None
+        return None, prompts
     items = ranking_items(str(kept))
     first = json.loads(kept.read_text(encoding="utf-8").splitlines()[0])
     want = {json.dumps(ex.prompt) for ex in prompts}
@@ -118,7 +118,7 @@ def rank_items(args: argparse.Namespace) -> Optional[list]:
                           f"({first.get('sampled')}); pass it as --candidates, or choose another --out (nothing "
                           f"was touched)")
     log.info("candidates from %s (sampled by an earlier run)", kept)
-    return items
+    return items, None
 
 
 def sampling_settings(args: argparse.Namespace) -> dict:
@@ -128,7 +128,7 @@ def sampling_settings(args: argparse.Namespace) -> dict:
             "seed": args.seed, "engine": args.engine}
 
 
-def sample_and_keep(args: argparse.Namespace) -> list:
+def sample_and_keep(args: argparse.Namespace, prompts: list) -> list:
     """Sample the candidates and keep them beside --out (NAME.candidates.jsonl), then read them back as items."""
     from .. import rollout
     from ..train import write_text_atomic
@@ -141,7 +141,7 @@ def sample_and_keep(args: argparse.Namespace) -> list:
         import torch
 
         engine = "vllm" if importlib.util.find_spec("vllm") and torch.cuda.is_available() else "hf"
-    rows = sample_candidates(prompt_source(args), args.policy, args.k,
+    rows = sample_candidates(prompts, args.policy, args.k,
                              rollout.Sampling(args.max_new_tokens, args.temperature, args.top_p, 0), args.seed, engine)
     settings = sampling_settings(args)
     kept = candidates_path(args.out)
@@ -150,14 +150,10 @@ def sample_and_keep(args: argparse.Namespace) -> list:
     return ranking_items(str(kept))
 
 
-def prompt_source(args) -> DataSource:
-    return DataSource(path=args.prompts, offset=args.offset, limit=args.n)
-
-
 def prompt_examples(args):
     from .. import formats
 
-    return formats.load_examples(prompt_source(args), "prompt")
+    return formats.load_examples(DataSource(path=args.prompts, offset=args.offset, limit=args.n), "prompt")
 
 
 def check_server_args(args: argparse.Namespace) -> Optional[str]:
@@ -201,14 +197,14 @@ def serve(args: argparse.Namespace) -> dict:
     journal = Journal(args.out, args.command)
     identical = 0
     if args.command == "rank":
-        items = rank_items(args)
+        items, prompts = rank_items(args)
     else:
         items, identical = comparison_items(args.samples)
     sock = listen(args.host, args.port)
     journal.open()
     if items is None:
         try:
-            items = sample_and_keep(args)
+            items = sample_and_keep(args, prompts)
         except BaseException:
             journal.close(discard=True)  # the answers file this run created, still empty, goes
             raise

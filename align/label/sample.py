@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from .. import data, formats, models, rollout, train
-from ..config import ConfigError, DataSource, RolloutConfig
+from .. import data, models, rollout, train
+from ..config import ConfigError, RolloutConfig
+from ..formats import PromptExample
 
 log = logging.getLogger("align")
 
@@ -25,13 +26,13 @@ def shares(k: int, n_policies: int) -> list[list[int]]:
     return [list(range(j, k, n_policies)) for j in range(n_policies)]
 
 
-def sample_candidates(prompts: DataSource, policies: Sequence[str], k: int, sampling: rollout.Sampling, seed: int,
+def sample_candidates(examples: Sequence[PromptExample], policies: Sequence[str], k: int, sampling: rollout.Sampling,
+                      seed: int,
                       engine: str = "hf", max_prompt_length: int = 1024, generation_batch_size: int = 16,
                       precision: str = "auto") -> list[dict]:
     """One record per prompt, `{"prompt", "responses", "policies"}`: the ranking format without ranks. Prompts
     longer than max_prompt_length keep their last tokens (every prompt gets its candidates)."""
     slots = shares(k, len(policies))
-    examples = formats.load_examples(prompts, "prompt")
     rows = [{"prompt": ex.prompt, "responses": [None] * k, "policies": [None] * k} for ex in examples]
     accelerator = train.plain_accelerator(precision, seed)
     for j, (location, mine) in enumerate(zip(policies, slots)):

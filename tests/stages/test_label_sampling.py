@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from align import rollout
+from align import formats, rollout
 from align.config import ConfigError, DataSource
 from align.label.__main__ import parse, rank_items
 from align.label.sample import sample_candidates
@@ -28,7 +28,7 @@ def second_policy(tmp_path, tiny_tokenizer):
 
 def test_each_policy_fills_its_share_of_the_k_responses_and_sampling_is_seeded(tmp_path, tiny_pretrained,
                                                                                 tiny_tokenizer):
-    prompts = DataSource(path=str(write_jsonl(tmp_path / "p.jsonl", PROMPTS)))
+    prompts = formats.load_examples(DataSource(path=str(write_jsonl(tmp_path / "p.jsonl", PROMPTS))), "prompt")
     policies = [str(tiny_pretrained), str(second_policy(tmp_path, tiny_tokenizer))]
     sampling = rollout.Sampling(max_new_tokens=12, temperature=1.0)
     rows = sample_candidates(prompts, policies, 3, sampling, seed=0)
@@ -55,7 +55,7 @@ def test_the_cli_samples_once_and_a_restart_with_other_settings_or_prompts_is_re
     before = kept.read_bytes()
 
     # a restart reads them back (checked in-process: starting the server again adds nothing to what is tested)
-    items = rank_items(parse(args))
+    items, _ = rank_items(parse(args))
     assert [it.responses for it in items] == [r["responses"] for r in rows] and kept.read_bytes() == before
     with pytest.raises(ConfigError, match="holds candidates sampled with other prompts, policies or settings"):
         rank_items(parse([*args, "--seed", "1"]))  # another seed: other candidates than those kept
