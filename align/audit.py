@@ -598,22 +598,10 @@ class Loaded:
 def load_source(source: Any, kind: str, stage: str, role: str) -> Loaded:
     """A DataSource read and converted as formats.load_examples does, keeping where each skipped record was."""
     records = formats.read_records(source.path, source.split, source.limit, source.columns, source.offset)
-    fmt = formats.get_format(source.format, records[0], kind)
-    examples, skipped_at = [], []
-    for r in records:
-        try:
-            converted = fmt.convert(r)
-        except DataError as err:
-            if not source.skip_invalid and not isinstance(err, formats.NotAnswered):  # as formats.convert_records
-                raise
-            skipped_at.append((str(r.origin), err.reason))
-            continue
-        examples.extend(converted if isinstance(converted, list) else [converted])
-    if not examples:
-        raise DataError(f"{source.path}: no usable examples ({len(skipped_at)} records skipped)")
-    skipped = dict(Counter(reason for _, reason in skipped_at))
-    return Loaded(FileEntry(stage, role, source.path, fmt.name, len(records), len(examples), skipped, source.split,
-                            [r.origin.line for r in records]), examples, skipped_at)
+    name = formats.get_format(source.format, records[0], kind).name
+    examples = formats.convert_records(records, source.format, kind, source.skip_invalid)
+    return Loaded(FileEntry(stage, role, source.path, name, len(records), len(examples), examples.skipped,
+                            source.split, [r.origin.line for r in records]), list(examples), examples.skipped_at)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -157,6 +157,8 @@ class Examples(list):
     def __init__(self, items=(), skipped: Optional[dict] = None):
         super().__init__(items)
         self.skipped: dict[str, int] = dict(skipped or {})
+        self.skipped_at: list[tuple[str, str]] = []
+        """(file:line, reason) of each skipped record, where convert_records made the list (the data audit)."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -785,19 +787,17 @@ def convert_records(records: list[Record], fmt_name: str, kind: str, skip_invali
     """Canonical examples of `records` (a record may give several, e.g. an OpenAssistant tree). With
     skip_invalid, a record that fails validation is left out and counted by reason instead of stopping."""
     fmt = get_format(fmt_name, records[0], kind)
-    out, skipped = Examples(), Counter()
+    out = Examples()
     for r in records:
         try:
             converted = fmt.convert(r)
-        except NotAnswered as err:
-            skipped[err.reason] += 1
-            continue
         except DataError as err:
-            if not skip_invalid:
+            if not skip_invalid and not isinstance(err, NotAnswered):  # align.label's skips and flags: never an error
                 raise
-            skipped[err.reason] += 1
+            out.skipped_at.append((str(r.origin), err.reason))
             continue
         out.extend(converted if isinstance(converted, list) else [converted])
+    skipped = Counter(reason for _, reason in out.skipped_at)
     out.skipped = dict(skipped)
     if not out:
         raise DataError(f"{records[0].origin.file}: no usable examples ({sum(skipped.values())} records skipped: "
